@@ -1,0 +1,342 @@
+# Copyright 2026 The diffsamplers authors. Licensed under the Apache License, Version 2.0.
+"""Shared diffusion maths: one continuous-time view of every diffusers noise schedule.
+
+Every method in this package is written against the marginal ``x_t = alpha_t * x0 + sigma_t * eps`` with
+``lambda_t = log(alpha_t / sigma_t)``. This module turns any diffusers scheduler config into that view
+(:class:`NoiseSchedule`), converts between the model parameterisations (epsilon, sample, v, flow velocity) and
+provides the first-order DDIM / exponential-integrator step that the methods share.
+
+Three families are recognised:
+
+* ``"vp"``: discrete variance-preserving schedules (DDPM, DDIM, DPMSolver, UniPC, Euler configs with ``betas``).
+  ``alpha = sqrt(alphas_cumprod[t])``; float timesteps interpolate ``log(sigma / alpha)`` linearly between the
+  integer training timesteps, the same rule diffusers' ``_sigma_to_t`` inverts.
+* ``"flow"``: rectified flow (FlowMatchEuler configs, SD3 / Flux): ``sigma = t / num_train_timesteps``,
+  ``alpha = 1 - sigma``.
+* ``"ve"``: EDM / Karras sigmas (``EDMEulerScheduler`` configs): ``alpha = 1``; the timestep given to the model is
+  EDM's ``c_noise = log(sigma) / 4``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping
+
+import numpy as np
+import torch
+
+# diffusers' own builders, so our alphas_cumprod are bit-identical to the schedulers'
+from diffusers.schedulers.scheduling_ddim import betas_for_alpha_bar, rescale_zero_terminal_snr
+
+PredictionType = Literal["epsilon", "sample", "v_prediction", "flow_prediction"]
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Discrete VP schedules (the same betas diffusers builds)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_betas(config: Mapping[str, Any]) -> torch.Tensor:
+    """The float32 betas diffusers builds from a VP scheduler config."""
+    num_train_timesteps = int(config.get("num_train_timesteps", 1000))
+    trained_betas = config.get("trained_betas")
+    beta_schedule = config.get("beta_schedule", "linear")
+    beta_start = float(config.get("beta_start", 0.0001))
+    beta_end = float(config.get("beta_end", 0.02))
+    if trained_betas is not None:
+        betas = torch.tensor(np.asarray(trained_betas), dtype=torch.float32)
+    elif beta_schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    elif beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    elif beta_schedule == "squaredcos_cap_v2":
+        betas = betas_for_alpha_bar(num_train_timesteps)  # cosine (Nichol & Dhariwal 2021)
+    else:
+        raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
+    if config.get("rescale_betas_zero_snr", False):
+        betas = rescale_zero_terminal_snr(betas)
+    return betas
+
+
+def config_family(config: Mapping[str, Any]) -> Literal["vp", "flow", "ve"]:
+    """Which family of noise schedule a diffusers scheduler config describes."""
+    class_name = str(config.get("_class_name", ""))
+    if (
+        class_name.startswith("FlowMatch")
+        or config.get("use_flow_sigmas")
+        or config.get("prediction_type") == "flow_prediction"
+        or ("shift" in config and "beta_start" not in config)
+    ):
+        return "flow"
+    if class_name.startswith("EDM") or ("sigma_max" in config and "beta_start" not in config):
+        return "ve"
+    return "vp"
+
+
+def _as_dict(config: Any) -> dict[str, Any]:
+    if hasattr(config, "config") and not isinstance(config, Mapping):  # a scheduler instance
+        config = {"_class_name": type(config).__name__, **config.config}
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a diffusers scheduler config (a mapping), got {type(config).__name__}")
+    return dict(config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The continuous-time view
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NoiseSchedule:
+    """``alpha_t``, ``sigma_t`` and ``lambda_t`` for the timesteps of one diffusers noise schedule.
+
+    Build it with :meth:`from_config` from any diffusers scheduler config (or a scheduler instance). All values are
+    float64 CPU tensors; timesteps below zero (or ``None`` passed as ``t_end`` elsewhere) denote the clean end.
+
+    Args:
+        family (`str`): ``"vp"``, ``"flow"`` or ``"ve"``.
+        num_train_timesteps (`int`): length of the training schedule.
+        alphas_cumprod (`torch.Tensor`, *optional*): the VP family's cumulative alphas (float64).
+        final_alpha_cumprod (`float`): the VP level DDIM steps to after its last timestep (1.0 when
+            ``set_alpha_to_one``, else ``alphas_cumprod[0]``).
+        config (`dict`): the config it was built from.
+    """
+
+    family: Literal["vp", "flow", "ve"]
+    num_train_timesteps: int
+    alphas_cumprod: torch.Tensor | None = None
+    final_alpha_cumprod: float = 1.0
+    config: dict | None = None
+
+    @classmethod
+    def from_config(cls, config: Any) -> "NoiseSchedule":
+        config = _as_dict(config)
+        family = config_family(config)
+        num_train_timesteps = int(config.get("num_train_timesteps", 1000))
+        if family != "vp":
+            return cls(family, num_train_timesteps, config=config)
+        alphas_cumprod = torch.cumprod(1.0 - make_betas(config), dim=0).double()  # float32 maths like diffusers
+        final = 1.0 if config.get("set_alpha_to_one", True) else float(alphas_cumprod[0])
+        return cls(family, num_train_timesteps, alphas_cumprod, final, config)
+
+    # -- VP helpers ---------------------------------------------------------------------------------------------
+
+    @property
+    def log_sigmas(self) -> torch.Tensor:
+        """``log(sigma_t / alpha_t)`` at the integer training timesteps (VP only)."""
+        ac = self.alphas_cumprod
+        return 0.5 * (torch.log1p(-ac) - torch.log(ac))
+
+    # -- forward map --------------------------------------------------------------------------------------------
+
+    def alpha_sigma(self, timestep: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha_t, sigma_t)`` as float64 tensors of the timestep's shape (negative timesteps: the clean end)."""
+        t = torch.as_tensor(timestep, dtype=torch.float64).cpu()
+        if self.family == "flow":
+            sigma = (t / self.num_train_timesteps).clamp(min=0.0)
+            return 1.0 - sigma, sigma
+        if self.family == "ve":
+            sigma = torch.where(t < -1e8, torch.zeros_like(t), torch.exp(4.0 * t))
+            return torch.ones_like(sigma), sigma
+        log_sigmas = self.log_sigmas
+        n = self.num_train_timesteps
+        tc = t.clamp(0, n - 1)
+        low = tc.floor().long().clamp(max=n - 2)
+        w = tc - low
+        log_sigma = (1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]
+        alpha = torch.rsqrt(1 + torch.exp(2 * log_sigma))
+        # a zero-terminal-SNR schedule has log_sigma = inf at its last timestep
+        sigma = torch.where(torch.isinf(log_sigma), torch.ones_like(alpha), alpha * torch.exp(log_sigma))
+        # integer timesteps use diffusers' own table exactly
+        exact = tc == tc.round()
+        ac = self.alphas_cumprod[tc.round().long()]
+        alpha = torch.where(exact, ac.sqrt(), alpha)
+        sigma = torch.where(exact, (1 - ac).sqrt(), sigma)
+        final = torch.tensor(self.final_alpha_cumprod, dtype=torch.float64)
+        clean = t < 0
+        alpha = torch.where(clean, final.sqrt(), alpha)
+        sigma = torch.where(clean, (1 - final).sqrt(), sigma)
+        return alpha, sigma
+
+    def lambda_(self, timestep: Any) -> torch.Tensor:
+        """Half log-SNR ``lambda_t = log(alpha_t / sigma_t)``."""
+        alpha, sigma = self.alpha_sigma(timestep)
+        return torch.log(alpha) - torch.log(sigma)
+
+    def ve_sigma(self, timestep: Any) -> torch.Tensor:
+        """``sigma_t / alpha_t``: the noise level of ``x_t / alpha_t`` (what diffusers stores in ``sigmas``)."""
+        alpha, sigma = self.alpha_sigma(timestep)
+        return sigma / alpha
+
+    # -- inverse map --------------------------------------------------------------------------------------------
+
+    def timestep_from_ve_sigma(self, ve_sigma: Any) -> torch.Tensor:
+        """The (float) diffusers timestep whose ``sigma_t / alpha_t`` equals ``ve_sigma``."""
+        s = torch.as_tensor(ve_sigma, dtype=torch.float64).cpu()
+        if self.family == "flow":
+            return self.num_train_timesteps * s / (1 + s)
+        if self.family == "ve":
+            return torch.log(s) / 4.0
+        log_sigmas = self.log_sigmas
+        log_s = torch.log(s.clamp(min=1e-300))
+        # log_sigmas increases with t: locate the bracketing interval
+        idx = torch.searchsorted(log_sigmas, log_s.reshape(-1)).reshape(log_s.shape)
+        low = (idx - 1).clamp(0, self.num_train_timesteps - 2)
+        lo, hi = log_sigmas[low], log_sigmas[low + 1]
+        w = ((log_s - lo) / (hi - lo)).clamp(0, 1)
+        return low.double() + w
+
+    def timestep_from_lambda(self, lam: Any) -> torch.Tensor:
+        """The diffusers timestep with half log-SNR ``lam``."""
+        return self.timestep_from_ve_sigma(torch.exp(-torch.as_tensor(lam, dtype=torch.float64)))
+
+    # -- grids --------------------------------------------------------------------------------------------------
+
+    def ddim_timesteps(self, num_inference_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(timesteps, prev_timesteps)`` exactly as ``DDIMScheduler`` walks them (VP family).
+
+        ``prev_timesteps[i] = timesteps[i] - T // N`` (negative = the final level), which is DDIM's rule; with
+        ``"linspace"`` spacing it is not the next grid entry, a quirk of DDIM we keep so reductions hold exactly.
+        """
+        cfg = self.config or {}
+        n, T = int(num_inference_steps), self.num_train_timesteps
+        spacing = cfg.get("timestep_spacing", "leading")
+        offset = int(cfg.get("steps_offset", 0))
+        if spacing == "linspace":
+            ts = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
+        elif spacing == "leading":
+            ts = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + offset
+        elif spacing == "trailing":
+            ts = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+        else:
+            raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {spacing!r}")
+        ts = torch.from_numpy(ts.copy())
+        return ts, ts - T // n
+
+
+def flow_timesteps(
+    config: Mapping[str, Any],
+    num_inference_steps: int | None = None,
+    sigmas: Any = None,
+    mu: float | None = None,
+    timesteps: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(timesteps, sigmas)`` of a flow-matching config, exactly as ``FlowMatchEulerDiscreteScheduler`` makes them
+    (shift, dynamic shifting with ``mu``, terminal stretch, Karras/exponential/beta options); ``sigmas`` ends in 0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    keys = FlowMatchEulerDiscreteScheduler._get_init_keys(FlowMatchEulerDiscreteScheduler)
+    reference = FlowMatchEulerDiscreteScheduler(**{k: v for k, v in config.items() if k in keys})
+    reference.set_timesteps(
+        num_inference_steps=num_inference_steps,
+        sigmas=None if sigmas is None else list(np.asarray(sigmas, dtype=np.float64)),
+        mu=mu,
+        timesteps=None if timesteps is None else list(np.asarray(timesteps, dtype=np.float64)),
+    )
+    return reference.timesteps, reference.sigmas
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. (2022) eq. (5): ``num_inference_steps`` sigmas from ``sigma_max`` down to ``sigma_min``."""
+    ramp = torch.linspace(0, 1, num_inference_steps, dtype=torch.float64)
+    min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv + ramp * (min_inv - max_inv)) ** rho
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prediction conversions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_prediction_type(prediction_type: str, name: str = "prediction_type") -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"{name} must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def _bcast(value: Any, like: torch.Tensor) -> torch.Tensor:
+    value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if value.ndim == 0:
+        return value
+    return value.reshape(value.shape + (1,) * (like.ndim - value.ndim))
+
+
+def to_x0_eps(
+    model_output: torch.Tensor, sample: torch.Tensor, alpha: Any, sigma: Any, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x0, eps)`` implied by a model output of ``prediction_type`` at ``x_t = alpha x0 + sigma eps``.
+
+    Works in the dtype of ``model_output``; pass float64 tensors for float64 maths. ``alpha``/``sigma`` may be
+    scalars or per-sample vectors.
+    """
+    _check_prediction_type(prediction_type)
+    a, s = _bcast(alpha, model_output), _bcast(sigma, model_output)
+    x, out = sample.to(model_output.dtype), model_output
+    if prediction_type == "epsilon":
+        return (x - s * out) / a, out
+    if prediction_type == "sample":
+        return out, (x - a * out) / s
+    if prediction_type == "v_prediction":  # v = a eps - s x0
+        norm = a * a + s * s
+        return (a * x - s * out) / norm, (s * x + a * out) / norm
+    # flow velocity u = eps - x0
+    return (x - s * out) / (a + s), (x + a * out) / (a + s)
+
+
+def from_x0_eps(x0: torch.Tensor, eps: torch.Tensor, alpha: Any, sigma: Any, prediction_type: str) -> torch.Tensor:
+    """The model output of ``prediction_type`` that corresponds to ``(x0, eps)``."""
+    _check_prediction_type(prediction_type)
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "sample":
+        return x0
+    if prediction_type == "v_prediction":
+        return _bcast(alpha, eps) * eps - _bcast(sigma, eps) * x0
+    return eps - x0
+
+
+def convert_model_output(
+    model_output: torch.Tensor, sample: torch.Tensor, alpha: Any, sigma: Any, from_type: str, to_type: str
+) -> torch.Tensor:
+    """Convert a model output between ``epsilon``, ``sample``, ``v_prediction`` and ``flow_prediction``."""
+    _check_prediction_type(to_type, "to_type")
+    if from_type == to_type:
+        _check_prediction_type(from_type, "from_type")
+        return model_output
+    x0, eps = to_x0_eps(model_output, sample, alpha, sigma, from_type)
+    return from_x0_eps(x0, eps, alpha, sigma, to_type)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shared first-order step
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def ddim_step(
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    alpha_t: Any,
+    sigma_t: Any,
+    alpha_next: Any,
+    sigma_next: Any,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12) written in ``(alpha, sigma)``: the first-order exponential integrator.
+
+    ``x_next = alpha_next * x0 + sqrt(sigma_next^2 - std^2) * eps + std * noise`` with
+    ``std = eta * sigma_next * sqrt(1 - exp(2 (lambda_t - lambda_next)))``. For ``eta = 0`` this is deterministic
+    DDIM in any frame: in the flow frame it is exactly the Euler step ``x + (sigma_next - sigma_t) * v``.
+    """
+    a_n, s_n = _bcast(alpha_next, x0), _bcast(sigma_next, x0)
+    if eta == 0.0:
+        return a_n * x0 + s_n * eps
+    if noise is None:
+        raise ValueError("noise must be given when eta > 0")
+    a_t, s_t = _bcast(alpha_t, x0), _bcast(sigma_t, x0)
+    # 1 - SNR_t / SNR_next, the DDPM posterior's variance fraction
+    std = eta * s_n * torch.sqrt((1 - (a_t * s_n) ** 2 / (a_n * s_t) ** 2).clamp(min=0))
+    return a_n * x0 + torch.sqrt((s_n**2 - std**2).clamp(min=0)) * eps + std * noise.to(x0.dtype)
