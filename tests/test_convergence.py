@@ -2,13 +2,13 @@
 
 import pytest
 
-from diffsamplers.eval.testbed import diffusers_baselines, loglog_slope, testbed_errors
+from diffsamplers.eval.testbed import diffusers_baselines, loglog_slope, exact_testbed_errors
 
 
 @pytest.fixture(scope="module")
 def records():
     # NFEs that divide 1000: DDIM steps by T // N, so other counts would not end on clean data
-    return testbed_errors(diffusers_baselines(), [25, 50, 100, 200], num_samples=8)
+    return exact_testbed_errors(diffusers_baselines(), [25, 50, 100, 200], num_samples=8)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler"])
@@ -22,6 +22,6 @@ def test_second_order_solvers(records, sampler):
 
 
 def test_dpmpp2m_beats_ddim_at_nfe_10():
-    rec = testbed_errors(diffusers_baselines(), [10], num_samples=8)
+    rec = exact_testbed_errors(diffusers_baselines(), [10], num_samples=8)
     err = {r["sampler"]: r["rmse_vs_gt"] for r in rec}
     assert err["dpmpp2m"] < err["ddim"]

@@ -91,7 +91,7 @@ def first_level_timestep(scheduler: Any, num_inference_steps: int) -> float:
     return float(scheduler.timesteps[0])
 
 
-def testbed_errors(
+def exact_testbed_errors(
     samplers: dict[str, SamplerSpec],
     nfes: list[int],
     *,
