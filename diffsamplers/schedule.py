@@ -19,7 +19,6 @@ Three families are recognised:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
@@ -340,3 +339,103 @@ def ddim_step(
     # 1 - SNR_t / SNR_next, the DDPM posterior's variance fraction
     std = eta * s_n * torch.sqrt((1 - (a_t * s_n) ** 2 / (a_n * s_t) ** 2).clamp(min=0))
     return a_n * x0 + torch.sqrt((s_n**2 - std**2).clamp(min=0)) * eps + std * noise.to(x0.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gaussian data: the closed-form probability flow and the frames of diffusers latents
+# ----------------------------------------------------------------------------------------------------------------
+
+FRAMES = ("vp", "ve", "flow")
+Level = tuple[Any, Any]
+
+
+def _as_level(level: Any, name: str, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(alpha, sigma)`` as float64 tensors of shape (1, 1) or (B, 1), validated."""
+    if not isinstance(level, (tuple, list)) or len(level) != 2:
+        raise TypeError(f"{name} must be an (alpha, sigma) pair, got {type(level).__name__}")
+    out = []
+    for value in level:
+        # as_tensor(dtype=...) so that Python floats are never rounded through the float32 default dtype
+        v = torch.as_tensor(value, dtype=dtype).detach().to(device=device).reshape(-1, 1)
+        if not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
+            raise ValueError(f"{name} must hold finite, non-negative (alpha, sigma), got {level!r}")
+        out.append(v)
+    return out[0], out[1]
+
+
+def gaussian_flow_map(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    eigvecs: torch.Tensor,
+    eigvals: torch.Tensor,
+    from_level: Level,
+    to_level: Level,
+    residual_variance: float = 0.0,
+) -> torch.Tensor:
+    """The exact probability-flow map of Gaussian data between two noise levels, on flat vectors.
+
+    This is the shared core of :func:`teleport` and of the single-Gaussian reference solution
+    (``diffsamplers.models.exact_solution(..., method="closed_form")`` can call it with ``residual_variance=0``).
+    It runs in the dtype of ``x`` (pass float64 for reference use).
+
+    Args:
+        x (`torch.Tensor` of shape `(B, D)`): states at ``from_level``.
+        mean (`torch.Tensor` of shape `(D,)`): data mean ``mu``.
+        eigvecs (`torch.Tensor` of shape `(D, r)`): orthonormal eigenvectors ``U`` (``r <= D``).
+        eigvals (`torch.Tensor` of shape `(r,)`): their variances ``lam`` (clipped at 0 here).
+        from_level (`tuple`): ``(alpha_T, sigma_T)`` of ``x``; scalars or per-sample ``(B,)`` tensors.
+        to_level (`tuple`): ``(alpha_t, sigma_t)`` to map to.
+        residual_variance (`float`, defaults to 0.0): the isotropic variance ``lam_perp`` of the directions
+            orthogonal to ``U``.
+
+    Returns:
+        `torch.Tensor` of shape `(B, D)`: the states at ``to_level``.
+    """
+    a0, s0 = _as_level(from_level, "from_level", x.dtype, x.device)
+    a1, s1 = _as_level(to_level, "to_level", x.dtype, x.device)
+    mean, eigvecs = mean.to(x), eigvecs.to(x)
+    lam = eigvals.to(x).clamp(min=0)  # eigh of a rank-deficient covariance returns tiny negative values
+    lam_perp = max(float(residual_variance), 0.0)
+    # the map is only defined from a noisy level: at s_T = 0 a zero-variance direction has psi = 0 / 0
+    if bool((s0 <= 0).any()):
+        raise ValueError(f"from_level must be a noisy level (sigma > 0), got sigma = {s0.flatten().tolist()}")
+    resid = x - a0 * mean  # x_T - a_T mu
+    coeff = resid @ eigvecs  # u_k^T (x_T - a_T mu), (B, r)
+    # eq. 3.2: psi_k(t) = sqrt((a_t^2 lam_k + s_t^2) / (a_T^2 lam_k + s_T^2))
+    psi = torch.sqrt((a1**2 * lam + s1**2) / (a0**2 * lam + s0**2))
+    out = a1 * mean + (coeff * psi) @ eigvecs.T
+    if eigvecs.shape[1] < eigvecs.shape[0]:
+        # complement of span(U): isotropic residual variance (spec 3.4); lam_perp = 0 gives s_t / s_T
+        psi_perp = torch.sqrt((a1**2 * lam_perp + s1**2) / (a0**2 * lam_perp + s0**2))
+        out = out + psi_perp * (resid - coeff @ eigvecs.T)
+    return out
+
+
+def frame_level(frame: str, sigma: Any) -> tuple[Any, Any]:
+    """``(alpha, sigma)`` of a noise level written in a scheduler frame (spec section 0).
+
+    Args:
+        frame (`str`): ``"vp"`` (DDIM/DPM/UniPC latents; ``sigma`` is the VE sigma ``sqrt((1 - abar) / abar)`` that
+            diffusers stores in ``scheduler.sigmas``), ``"ve"`` (Euler/Heun/EDM latents ``x0 + sigma eps``) or
+            ``"flow"`` (FlowMatch latents ``(1 - sigma) x0 + sigma eps``).
+        sigma (`float` or `torch.Tensor`): the frame's noise coordinate; non-negative.
+
+    Returns:
+        `tuple`: ``(alpha, sigma_t)`` with ``x = alpha x0 + sigma_t eps``.
+    """
+    if frame not in FRAMES:
+        raise ValueError(f"frame must be one of {FRAMES}, got {frame!r}")
+    s = torch.as_tensor(sigma, dtype=torch.float64)
+    if bool((s < 0).any()) or (frame == "flow" and bool((s > 1).any())):
+        raise ValueError(f"sigma must be in [0, inf) ([0, 1] for the flow frame), got {sigma!r}")
+    if frame == "ve":
+        alpha, sig = torch.ones_like(s), s
+    elif frame == "flow":
+        alpha, sig = 1.0 - s, s
+    else:
+        # a = 1 / sqrt(1 + sigma^2), s = sigma a; sigma = inf (zero terminal SNR) is pure noise
+        alpha = torch.where(torch.isinf(s), torch.zeros_like(s), torch.rsqrt(1.0 + s**2))
+        sig = torch.where(torch.isinf(s), torch.ones_like(s), s * torch.rsqrt(1.0 + s**2))
+    if s.ndim == 0:
+        return float(alpha), float(sig)
+    return alpha, sig

@@ -20,16 +20,15 @@ from diffusers import (
 
 from diffsamplers.eval.testbed import TESTBED_CONFIG, run_scheduler
 from diffsamplers.models import GaussianMixtureModel, exact_solution
-from diffsamplers.pipelines.teleport import (
+from diffsamplers.pipelines.teleport import teleport_pipeline
+from diffsamplers.samplers.gaussian_stats import (
     GaussianStats,
     frame_coeffs,
-    frame_level,
-    gaussian_flow_map,
     latent_frame,
     teleport,
-    teleport_pipeline,
 )
 from diffsamplers.samplers.teleport import TeleportScheduler
+from diffsamplers.schedule import frame_level, gaussian_flow_map
 
 CFG = dict(TESTBED_CONFIG)
 VP = DDIMScheduler(timestep_spacing="trailing").config

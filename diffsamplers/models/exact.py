@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..schedule import NoiseSchedule
+from ..schedule import NoiseSchedule, gaussian_flow_map
 
 
 def _levels(schedule: NoiseSchedule, t_start: Any, t_end: Any) -> tuple[float, float, float, float]:
@@ -80,14 +80,8 @@ def exact_solution(
 
 
 def _closed_form(model: Any, x: torch.Tensor, a0: float, s0: float, a1: float, s1: float) -> torch.Tensor:
-    """Wang & Vastola's solution for one Gaussian N(mu, U diag(lam) U^T):
-    ``x_t = a_t mu + sum_k psi_k(t) u_k u_k^T (x_T - a_T mu)``, ``psi_k = sqrt((a_t^2 lam_k + s_t^2) /
-    (a_T^2 lam_k + s_T^2))`` (research spec adaptive_dualfast_teleport.md, section 3.2)."""
+    """Wang & Vastola's solution for one Gaussian (research spec adaptive_dualfast_teleport.md, eq. 3.2)."""
     if model.means.shape[0] != 1:
         raise ValueError("the closed form needs a single-Gaussian model (K = 1)")
-    mu = model.means[0]
     lam, U = torch.linalg.eigh(model.covariances()[0])
-    lam = lam.clamp(min=0)
-    psi = torch.sqrt((a1**2 * lam + s1**2) / (a0**2 * lam + s0**2))
-    coeff = ((x - a0 * mu) @ U) * psi
-    return a1 * mu + coeff @ U.T
+    return gaussian_flow_map(x, model.means[0], U, lam, (a0, s0), (a1, s1))

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..pipelines.teleport import GaussianStats, _is_teleport_scheduler, frame_coeffs, latent_frame, teleport
+from .gaussian_stats import GaussianStats, _is_teleport_scheduler, frame_coeffs, latent_frame, teleport
 
 
 class TeleportScheduler:
@@ -245,8 +245,8 @@ class TeleportScheduler:
         ):
             raise ValueError(
                 "the pipeline set a different schedule from the one the latents were teleported for "
-                f"(skip, alpha_0, sigma_0, alpha_k, sigma_k) = {got} vs {self._expected}; pass the pipeline's sigmas=, "
-                "timesteps= or mu= to teleport_pipeline"
+                f"(skip, alpha_0, sigma_0, alpha_k, sigma_k) = {got} vs {self._expected}; "
+                "pass the pipeline's sigmas=, timesteps= or mu= to teleport_pipeline"
             )
 
     def _teleport(self, sample: torch.Tensor) -> torch.Tensor:
