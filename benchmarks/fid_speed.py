@@ -7,8 +7,13 @@
 2. Frechet distance at d = 2048: :func:`diffsamplers.eval.fid.frechet_distance` on the device against
    ``scipy.linalg.sqrtm`` of the covariance product on the CPU, as clean-fid computes it. Target: >= 20x faster.
 
-Run ``python benchmarks/fid_speed.py --device cpu`` (small sizes, under 2 minutes) or ``--device cuda``. GPU check
-scripts can call :func:`run` and read the returned dict.
+Run ``python benchmarks/fid_speed.py --device cpu`` (small sizes, under 2 minutes on an idle machine) or
+``--device cuda``. GPU check scripts can call :func:`run` and read the returned dict.
+
+Measured once on one NVIDIA H200 (torch 2.11, the half-precision copy of the fid-helper network cast to float32,
+4096 and 8192 images of 32x32 in batches of 256 and 512): extractor 5,468 vs 5,482 and 5,614 vs 5,621 images/s
+(ratio 1.00 both times); Frechet distance at d=2048 0.095 s and 0.054 s against 9.2 s and 9.5 s for scipy sqrtm on
+the 16 CPU cores (97x and 175x; ``method="cholesky"`` 127x and 337x), relative difference to sqrtm 1.6e-14.
 """
 
 from __future__ import annotations

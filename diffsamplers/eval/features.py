@@ -187,6 +187,9 @@ class InceptionFeatureExtractor(nn.Module):
       same code, so FID values can differ in the last digits.
     - ``"none"``: the images must already be 299x299.
 
+    On Ampere and later GPUs cuDNN runs float32 convolutions in TF32 unless ``torch.backends.cudnn.allow_tf32`` is
+    false (torch's default is true, and clean-fid leaves it so); this module does not change the global flag.
+
     Args:
         network (`torch.nn.Module`): the loaded TorchScript network (see :func:`load_inception`).
         resize (`str`, *optional*, defaults to `"clean"`): `"clean"`, `"fast"` or `"none"`.
