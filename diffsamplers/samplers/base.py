@@ -10,7 +10,7 @@ Everything else (timestep grids identical to diffusers', step-index bookkeeping,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -56,6 +56,11 @@ COMMON_CONFIG_DOC = """
 """
 
 
+# diffusers options no diffsamplers scheduler implements yet, and whose silent omission would change the image
+# (a subclass that implements one takes it as an ``__init__`` argument, which lifts the refusal)
+_REFUSED_CONFIG_FLAGS = ("thresholding", "invert_sigmas")
+
+
 @dataclass
 class DiffSamplersSchedulerOutput(BaseOutput):
     """Output of a diffsamplers scheduler's ``step``.
@@ -72,7 +77,7 @@ class DiffSamplersSchedulerOutput(BaseOutput):
 class DiffSamplersScheduler(SchedulerMixin, ConfigMixin):
     """Base of the diffsamplers schedulers: grids, indices and noising, shared by every method."""
 
-    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    _compatibles: ClassVar[list[str]] = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
     init_noise_sigma = 1.0
 
@@ -81,11 +86,22 @@ class DiffSamplersScheduler(SchedulerMixin, ConfigMixin):
     @classmethod
     def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any):
         """As diffusers' ``from_config``; a ``FlowMatch*`` config (which has no ``prediction_type``) selects
-        ``prediction_type="flow_prediction"``, and an EDM config is refused."""
+        ``prediction_type="flow_prediction"`` (a DPMSolver/UniPC ``use_flow_sigmas`` config also carries its
+        ``flow_shift`` over as ``shift``); an EDM config, and options the class cannot honour (``thresholding``,
+        ``invert_sigmas``), are refused with a ``ValueError``."""
         if config is not None and hasattr(config, "keys"):
             source = dict(config)
             if "prediction_type" not in kwargs and config_family(source) == "flow":
                 kwargs["prediction_type"] = "flow_prediction"
+            # DPMSolver/UniPC flow configs name the shift `flow_shift`; without this it would silently be 1.0
+            if source.get("use_flow_sigmas") and "flow_shift" in source and "shift" not in kwargs:
+                kwargs["shift"] = source["flow_shift"]
+            for flag in _REFUSED_CONFIG_FLAGS:
+                if source.get(flag) and flag not in cls._get_init_keys(cls):
+                    raise ValueError(
+                        f"{cls.__name__} does not support `{flag}=True` (from {source.get('_class_name')}): "
+                        "it would silently change the image; set it to False in the config"
+                    )
             if config_family(source) == "ve" and not getattr(cls, "_supports_ve", False):
                 raise ValueError(
                     f"{cls.__name__} does not support EDM/VE configs ({source.get('_class_name')}); "
@@ -222,14 +238,22 @@ class DiffSamplersScheduler(SchedulerMixin, ConfigMixin):
 
     # -- model output -> (x0, eps) ------------------------------------------------------------------------------
 
-    def _x0_eps(self, model_output: torch.Tensor, sample: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The float64 data and noise predictions at step ``index`` (clipped if ``clip_sample``)."""
+    def _x0_eps(
+        self, model_output: torch.Tensor, sample: torch.Tensor, index: int, recompute_eps: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float64 data and noise predictions at step ``index`` (x0 clipped if ``clip_sample``).
+
+        With clipping, ``recompute_eps=True`` re-derives eps from the clipped x0 (so ``alpha x0 + sigma eps`` is
+        still the sample); ``False`` keeps the model's eps, which is what ``DDIMScheduler`` does unless its
+        ``use_clipped_model_output`` is set.
+        """
         a, s = self.alpha_t[index], self.sigma_t[index]
         x0, eps = to_x0_eps(model_output.double(), sample.double(), a, s, self.config.prediction_type)
         if self.config.clip_sample:
             r = self.config.clip_sample_range
             x0 = x0.clamp(-r, r)
-            eps = (sample.double() - a * x0) / s
+            if recompute_eps:
+                eps = (sample.double() - a * x0) / s
         return x0, eps
 
     # -- noising ------------------------------------------------------------------------------------------------
