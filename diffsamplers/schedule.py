@@ -19,6 +19,7 @@ Three families are recognised:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
@@ -256,7 +257,13 @@ def _check_prediction_type(prediction_type: str, name: str = "prediction_type") 
         raise ValueError(f"{name} must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
-def _bcast(value: Any, like: torch.Tensor) -> torch.Tensor:
+def _bcast(value: Any, like: torch.Tensor) -> Any:
+    """A coefficient ready to multiply ``like``: scalars stay on the host as Python floats (a CPU scalar copied to
+    the GPU would cost a host-device sync every step); per-sample vectors are moved and reshaped to broadcast."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and value.device.type == "cpu":
+        return float(value)
     value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
     if value.ndim == 0:
         return value
@@ -337,8 +344,14 @@ def ddim_step(
         raise ValueError("noise must be given when eta > 0")
     a_t, s_t = _bcast(alpha_t, x0), _bcast(sigma_t, x0)
     # 1 - SNR_t / SNR_next, the DDPM posterior's variance fraction
-    std = eta * s_n * torch.sqrt((1 - (a_t * s_n) ** 2 / (a_n * s_t) ** 2).clamp(min=0))
-    return a_n * x0 + torch.sqrt((s_n**2 - std**2).clamp(min=0)) * eps + std * noise.to(x0.dtype)
+    std = eta * s_n * _sqrt_nonneg(1 - (a_t * s_n) ** 2 / (a_n * s_t) ** 2)
+    return a_n * x0 + _sqrt_nonneg(s_n**2 - std**2) * eps + std * noise.to(x0.dtype)
+
+
+def _sqrt_nonneg(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clamp(min=0).sqrt()
+    return math.sqrt(max(value, 0.0))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -194,7 +194,12 @@ class DiffSamplersScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = ts.to(device)
         # float64 level tables on the CPU (no host-device sync inside step)
         self.alpha_t, self.sigma_t, self.alpha_next, self.sigma_next = alpha_t, sigma_t, alpha_n, sigma_n
-        self.sigmas = torch.cat([sigma_t / alpha_t, (sigma_n / alpha_n)[-1:]]).float()
+        # diffusers' conventions: FlowMatch's sigmas in [0, 1] for flow, else the noise level sigma / alpha
+        self.sigmas = (
+            torch.cat([sigma_t, sigma_n[-1:]]).float()
+            if self.is_flow
+            else torch.cat([sigma_t / alpha_t, (sigma_n / alpha_n)[-1:]]).float()
+        )
         self._step_index = None
         self._begin_index = None
         self._reset_state()
