@@ -3,9 +3,45 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from ..samplers import BDIAScheduler, GaussianStats, TeleportScheduler
 from .testbed import SamplerSpec, diffusers_baselines
 
+TELEPORT_SKIP = 0.2
 
-def sampler_registry() -> dict[str, SamplerSpec]:
-    """Name -> :class:`SamplerSpec`, baselines first."""
-    return dict(diffusers_baselines())
+
+def _teleport_steps(nfe: int, skip_fraction: float = TELEPORT_SKIP) -> int:
+    """The grid size whose un-skipped part makes exactly ``nfe`` model calls (TeleportScheduler skips
+    ``floor(skip_fraction * N)`` grid points)."""
+    steps = nfe
+    while steps - int(skip_fraction * steps) < nfe:
+        steps += 1
+    return steps
+
+
+def sampler_registry(stats: GaussianStats | None = None) -> dict[str, SamplerSpec]:
+    """Name -> :class:`SamplerSpec`, baselines first. With data ``stats`` (Gaussian statistics of the model's
+    training data, in its latent space) the teleported variants of DPM-Solver++(2M) and UniPC are included."""
+    registry = dict(diffusers_baselines())
+    registry["bdia"] = SamplerSpec("bdia", lambda c: BDIAScheduler.from_config(c, gamma=0.5))
+    registry["bdia-g1"] = SamplerSpec("bdia-g1", lambda c: BDIAScheduler.from_config(c, gamma=1.0))
+    if stats is not None:
+        for base in ("dpmpp2m", "unipc"):
+            registry[f"{base}+teleport"] = SamplerSpec(
+                f"{base}+teleport", _teleported(registry[base].build, stats), _teleport_steps
+            )
+    return registry
+
+
+def _teleported(build: Any, stats: GaussianStats):
+    return lambda config: TeleportScheduler(build(config), stats, skip_fraction=TELEPORT_SKIP)
+
+
+def digits_stats() -> GaussianStats:
+    """Gaussian statistics of scikit-learn's digits in [-1, 1] (8x8): the data of the testbed and bundled model."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    images = torch.tensor(load_digits().images, dtype=torch.float64)[:, None] / 8.0 - 1.0
+    return GaussianStats.from_samples(images)

@@ -1,1 +1,12 @@
-"""diffsamplers.pipelines."""
+"""What a scheduler alone cannot do: skipping model calls, teleported starts for flow pipelines."""
+
+from .adaptive import AdaptiveDiffusionHandle, AdaptiveSkipController, AdaptiveStepRecord, enable_adaptive_diffusion
+from .teleport import teleport_pipeline
+
+__all__ = [
+    "AdaptiveDiffusionHandle",
+    "AdaptiveSkipController",
+    "AdaptiveStepRecord",
+    "enable_adaptive_diffusion",
+    "teleport_pipeline",
+]
