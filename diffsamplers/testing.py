@@ -131,7 +131,12 @@ def tiny_stable_diffusion_pipeline(scheduler: Any = None, prediction_type: str =
 def tiny_flow_pipeline(scheduler: Any = None, shift: float = 3.0):
     """A flow-matching ``StableDiffusion3Pipeline`` with a tiny ``SD3Transformer2DModel`` and VAE and no text
     encoders: call it with ``prompt_embeds`` and ``pooled_prompt_embeds`` (see :func:`tiny_flow_embeddings`)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
 
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(
