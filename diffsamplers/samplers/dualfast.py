@@ -14,6 +14,7 @@ from diffusers import UniPCMultistepScheduler
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
+from ..schedule import from_x0_eps, to_x0_eps
 from .wrapping import BASE_CONFIG_DOC, WrappedScheduler
 
 TAUS = ("first", "previous")
@@ -267,32 +268,16 @@ class DualFastScheduler(WrappedScheduler):
 
 
 def _prediction_coefficients(prediction_type: str, space: str, alpha: float, sigma: float) -> tuple[float, float]:
-    """``(k_out, k_x)`` with ``eps`` (or ``x0``) ``= k_out * model_output + k_x * x_t`` (the conversions of
-    :func:`diffsamplers.schedule.to_x0_eps`, written with Python scalars)."""
-    if prediction_type == "epsilon":
-        return (1.0, 0.0) if space == "eps" else (-sigma / alpha, 1.0 / alpha)
-    if prediction_type == "sample":
-        return (-alpha / sigma, 1.0 / sigma) if space == "eps" else (1.0, 0.0)
-    if prediction_type == "v_prediction":  # v = alpha eps - sigma x0
-        norm = alpha * alpha + sigma * sigma
-        return (alpha / norm, sigma / norm) if space == "eps" else (-sigma / norm, alpha / norm)
-    # flow velocity u = eps - x0 with x_t = alpha x0 + sigma eps
-    return (
-        (alpha / (alpha + sigma), 1.0 / (alpha + sigma))
-        if space == "eps"
-        else (
-            -sigma / (alpha + sigma),
-            1.0 / (alpha + sigma),
-        )
-    )
+    """``(k_out, k_x)`` with ``eps`` (or ``x0``) ``= k_out * model_output + k_x * x_t``: the linear map of
+    :func:`diffsamplers.schedule.to_x0_eps`, read off by evaluating it on unit inputs."""
+    one, zero = torch.ones((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    pick = 1 if space == "eps" else 0
+    k_out = to_x0_eps(one, zero, alpha, sigma, prediction_type)[pick]
+    k_x = to_x0_eps(zero, one, alpha, sigma, prediction_type)[pick]
+    return float(k_out), float(k_x)
 
 
 def _output_change(prediction_type: str, k_x0: float, k_eps: float, alpha: float, sigma: float) -> float:
     """The change of the model output for a change ``(k_x0, k_eps)`` of ``(x0, eps)`` (``from_x0_eps`` is linear)."""
-    if prediction_type == "epsilon":
-        return k_eps
-    if prediction_type == "sample":
-        return k_x0
-    if prediction_type == "v_prediction":
-        return alpha * k_eps - sigma * k_x0
-    return k_eps - k_x0
+    x0, eps = torch.tensor(k_x0, dtype=torch.float64), torch.tensor(k_eps, dtype=torch.float64)
+    return float(from_x0_eps(x0, eps, alpha, sigma, prediction_type))

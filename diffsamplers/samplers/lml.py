@@ -13,6 +13,7 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
+from ..schedule import to_x0_eps
 from .wrapping import BASE_CONFIG_DOC, WrappedScheduler
 
 PLACEMENTS = ("auto", "noise_direction", "increment", "velocity")
@@ -308,9 +309,5 @@ class LMLScheduler(WrappedScheduler):
 
 
 def _epsilon(output: torch.Tensor, x: torch.Tensor, alpha: float, sigma: float, prediction_type: str) -> torch.Tensor:
-    """DDIM's ``pred_epsilon`` from a model output (``to_x0_eps`` with Python scalars: no host-device transfer)."""
-    if prediction_type == "epsilon":
-        return output
-    if prediction_type == "sample":
-        return (x - alpha * output) / sigma
-    return alpha * output + sigma * x  # v_prediction (VP: alpha^2 + sigma^2 = 1)
+    """DDIM's ``pred_epsilon`` from a model output (scalar levels stay on the host: no host-device transfer)."""
+    return to_x0_eps(output, x, alpha, sigma, prediction_type)[1]
