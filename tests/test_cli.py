@@ -10,7 +10,8 @@ from diffsamplers.eval.cli import main
 
 def test_bench_writes_results_and_plot(tmp_path, capsys):
     out = tmp_path / "bench"
-    main(["bench", "--samplers", "ddim,dpmpp2m", "--nfe", "5,10", "--num-samples", "4", "--out", str(out)])
+    main(["bench", "--model", "testbed", "--samplers", "ddim,dpmpp2m", "--nfe", "5,10", "--num-samples", "4",
+          "--out", str(out)])
     records = json.loads((out / "results.json").read_text())
     assert {(r["sampler"], r["nfe"]) for r in records} == {("ddim", 5), ("ddim", 10), ("dpmpp2m", 5), ("dpmpp2m", 10)}
     for r in records:

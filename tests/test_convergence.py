@@ -2,7 +2,7 @@
 
 import pytest
 
-from diffsamplers.eval.testbed import diffusers_baselines, loglog_slope, exact_testbed_errors
+from diffsamplers.eval.testbed import diffusers_baselines, exact_testbed_errors, loglog_slope
 
 
 @pytest.fixture(scope="module")

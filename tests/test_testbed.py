@@ -5,7 +5,7 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
 from diffsamplers.models import GaussianMixtureModel, exact_solution
-from diffsamplers.schedule import PREDICTION_TYPES, to_x0_eps
+from diffsamplers.schedule import to_x0_eps
 
 VP = DDIMScheduler(clip_sample=False, timestep_spacing="trailing").config
 
@@ -33,7 +33,8 @@ def test_posterior_mean_matches_dense_reference(builder):
     g = torch.Generator().manual_seed(0)
     for a, s in [(0.99, 0.14), (0.6, 0.8), (0.05, 0.9987)]:
         x = torch.randn(3, model.means.shape[1], generator=g, dtype=torch.float64)
-        got = model.posterior_mean(x, torch.full((3,), a, dtype=torch.float64), torch.full((3,), s, dtype=torch.float64))
+        a_, s_ = torch.full((3,), a, dtype=torch.float64), torch.full((3,), s, dtype=torch.float64)
+        got = model.posterior_mean(x, a_, s_)
         torch.testing.assert_close(got, dense_posterior_mean(model, x, a, s), rtol=1e-9, atol=1e-9)
 
 
@@ -93,10 +94,24 @@ def test_closed_form_agrees_with_ode_for_one_gaussian(frame):
     factors = torch.randn(1, 12, 4, generator=g, dtype=torch.float64) * 0.4
     model = GaussianMixtureModel(means, torch.tensor([0.2]), scheduler_config=cfg, factors=factors)
     x = torch.randn(5, 1, 3, 4, generator=g, dtype=torch.float64)
-    t0, t1 = (999, None) if frame == "vp" else (990.0, 100.0)
-    ode = exact_solution(model, x, t0, t1)
-    closed = exact_solution(model, x, t0, t1, method="closed_form")
-    assert (ode - closed).abs().max() < 1e-8
+    # the flow case starts at pure noise (alpha = 0), which the angle parameterisation takes as an ordinary point
+    for t0, t1 in [(999, None), (500, 20)] if frame == "vp" else [(1000.0, None), (990.0, 100.0)]:
+        ode = exact_solution(model, x, t0, t1)
+        closed = exact_solution(model, x, t0, t1, method="closed_form")
+        assert (ode - closed).abs().max() < 1e-8, (t0, t1)
+
+
+def test_exact_solution_from_zero_terminal_snr():
+    cfg = DDIMScheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing", clip_sample=False).config
+    g = torch.Generator().manual_seed(1)
+    model = GaussianMixtureModel(
+        torch.randn(1, 1, 2, 3, generator=g, dtype=torch.float64), torch.tensor([0.3]), scheduler_config=cfg,
+        factors=torch.randn(1, 6, 2, generator=g, dtype=torch.float64) * 0.3,
+    )
+    assert float(model.schedule.alpha_sigma(999)[0]) == 0.0
+    x = torch.randn(3, 1, 2, 3, generator=g, dtype=torch.float64)
+    ode = exact_solution(model, x, 999)
+    assert (ode - exact_solution(model, x, 999, method="closed_form")).abs().max() < 1e-8
 
 
 def test_dpm_solver_1000_steps_lands_on_exact_solution():

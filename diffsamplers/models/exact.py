@@ -1,17 +1,21 @@
 # Copyright 2026 The diffsamplers authors. Licensed under the Apache License, Version 2.0.
 """Reference solutions of the probability-flow ODE for the exact testbed.
 
-Any frame ``x_t = alpha_t x0 + sigma_t eps`` reduces to the variance-exploding ODE of ``y = x / alpha`` in the
-noise level ``s = sigma / alpha`` (Karras et al. 2022, eq. 4 with their s(t) = 1):
+Every frame ``x_t = alpha_t x0 + sigma_t eps`` is a rescaling of one ODE: with ``theta = arctan(sigma / alpha)``
+and ``z = x / sqrt(alpha^2 + sigma^2)`` (the variance-preserving state ``cos(theta) x0 + sin(theta) eps``), the
+probability-flow ODE (Song et al. 2021, eq. 13; Karras et al. 2022, eq. 4) reads
 
-    dy/ds = (y - D(y; s)) / s = eps_hat(y; s),
+    dz/dtheta = cos(theta) eps_hat(z) - sin(theta) x0_hat(z)      (the v-prediction),
 
-so the reference is solved in ``s`` with torchdiffeq's dopri5 in float64, and mapped back by ``x = alpha * y``.
+whose right-hand side is bounded on the whole interval [0, pi/2]: pure noise (alpha = 0: flow sigma = 1, zero
+terminal SNR) and clean data (sigma = 0) are ordinary end points. It is solved with torchdiffeq's dopri5 in
+float64 and mapped back by ``x = sqrt(alpha^2 + sigma^2) * z``.
 For a single Gaussian the ODE is linear and solved in closed form (Wang & Vastola, spectral form).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -25,8 +29,6 @@ def _levels(schedule: NoiseSchedule, t_start: Any, t_end: Any) -> tuple[float, f
         a1, s1 = 1.0, 0.0
     else:
         a1, s1 = (float(v) for v in schedule.alpha_sigma(t_end))
-    if a0 <= 0:
-        raise ValueError("t_start has alpha = 0 (zero terminal SNR): start the ODE one level below it")
     return a0, s0, a1, s1
 
 
@@ -66,17 +68,16 @@ def exact_solution(
     classes = None if class_labels is None else torch.as_tensor(class_labels).reshape(-1).long()
     batch = x.shape[0]
 
-    def velocity(s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # in VE coordinates: alpha = 1 / sqrt(1 + s^2) scaling is irrelevant; use alpha = 1, sigma = s
-        ones = torch.ones(batch, dtype=torch.float64)
-        d = model.posterior_mean(y, ones, ones * s, classes)
-        return (y - d) / s
+    def velocity(theta: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        cos, sin = torch.cos(theta), torch.sin(theta)
+        x0, eps = model.posterior(z, cos.expand(batch), sin.expand(batch), classes)
+        return cos * eps - sin * x0
 
-    grid = torch.tensor([s0 / a0, s1 / a1], dtype=torch.float64)
+    grid = torch.tensor([math.atan2(s0, a0), math.atan2(s1, a1)], dtype=torch.float64)
     if grid[1] == grid[0]:
         return x_T.detach().to(torch.float64).clone()
-    y = odeint(velocity, x / a0, grid, method="dopri5", rtol=rtol, atol=atol)[-1]
-    return (a1 * y).reshape(x_T.shape)
+    z = odeint(velocity, x / math.hypot(a0, s0), grid, method="dopri5", rtol=rtol, atol=atol)[-1]
+    return (math.hypot(a1, s1) * z).reshape(x_T.shape)
 
 
 def _closed_form(model: Any, x: torch.Tensor, a0: float, s0: float, a1: float, s1: float) -> torch.Tensor:

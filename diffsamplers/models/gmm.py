@@ -131,9 +131,8 @@ class GaussianMixtureModel(nn.Module):
         alpha, sigma = self.schedule.alpha_sigma(_timestep_tensor(timestep, batch))
         classes = self._classes(batch, encoder_hidden_states, class_labels)
         x = sample.detach().to(torch.float64).reshape(batch, -1)
-        x0 = self.posterior_mean(x, alpha.to(x.device), sigma.to(x.device), classes)
+        x0, eps = self.posterior(x, alpha.to(x.device), sigma.to(x.device), classes)
         a, s = alpha.to(x.device)[:, None], sigma.to(x.device)[:, None]
-        eps = (x - a * x0) / s
         out = from_x0_eps(x0, eps, a, s, self.prediction_type).reshape(sample.shape).to(sample.dtype)
         return SimpleNamespace(sample=out) if return_dict else (out,)
 
@@ -143,6 +142,16 @@ class GaussianMixtureModel(nn.Module):
         self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, classes: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``E[x0 | x_t = x]`` for flat float64 ``x`` of shape (B, D) and per-sample ``alpha``, ``sigma`` (B,)."""
+        return self.posterior(x, alpha, sigma, classes)[0]
+
+    def posterior(
+        self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, classes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(E[x0 | x_t], E[eps | x_t])`` for flat float64 ``x`` (B, D) and per-sample ``alpha``, ``sigma`` (B,).
+
+        The noise prediction is formed as ``sigma M_k^{-1} (x - alpha m_k)`` rather than ``(x - alpha x0) / sigma``:
+        the same value, but with no division by ``sigma``, so it stays exact as ``sigma -> 0`` (and
+        ``alpha = 0`` is allowed too)."""
         m, dg, F = self.means.to(x), self.diag.to(x), self.factors.to(x)
         a, s = alpha.reshape(-1, 1, 1).to(x), sigma.reshape(-1, 1, 1).to(x)  # (B, 1, 1)
         b = a**2 * dg[None] + s**2  # (B, K, D) diagonal of M_k
@@ -169,9 +178,10 @@ class GaussianMixtureModel(nn.Module):
             own = self.component_class.to(x.device)[None] == classes[:, None]
             uncond = (classes < 0) | (classes >= self.num_classes)
             log_w = torch.where(own | uncond[:, None], log_w, torch.full_like(log_w, -torch.inf))
-        resp = torch.softmax(log_lik + log_w, dim=-1)  # (B, K)
-        comp_mean = m[None] + a * c_minv_r
-        return (resp[..., None] * comp_mean).sum(1)
+        resp = torch.softmax(log_lik + log_w, dim=-1)[..., None]  # (B, K, 1)
+        x0 = (resp * (m[None] + a * c_minv_r)).sum(1)
+        eps = (resp * (s * minv_r)).sum(1)  # x - a (m + a C M^-1 r) = (M - a^2 C) M^-1 r = s^2 M^-1 r
+        return x0, eps
 
     def _classes(self, batch: int, encoder_hidden_states: Any, class_labels: Any) -> torch.Tensor | None:
         if class_labels is not None:
