@@ -8,7 +8,15 @@ from .pipelines import (
     enable_adaptive_diffusion,
     teleport_pipeline,
 )
-from .samplers import BDIAInverseOutput, BDIAScheduler, GaussianStats, TeleportScheduler, teleport
+from .samplers import (
+    BDIAInverseOutput,
+    BDIAScheduler,
+    DualFastScheduler,
+    GaussianStats,
+    LMLScheduler,
+    TeleportScheduler,
+    teleport,
+)
 from .schedule import NoiseSchedule, convert_model_output, ddim_step, from_x0_eps, gaussian_flow_map, to_x0_eps
 
 __version__ = "0.1.0"
@@ -19,8 +27,10 @@ __all__ = [
     "AdaptiveStepRecord",
     "BDIAInverseOutput",
     "BDIAScheduler",
+    "DualFastScheduler",
     "GaussianMixtureModel",
     "GaussianStats",
+    "LMLScheduler",
     "NoiseSchedule",
     "TeleportScheduler",
     "convert_model_output",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..samplers import BDIAScheduler, GaussianStats, TeleportScheduler
+from ..samplers import BDIAScheduler, DualFastScheduler, GaussianStats, LMLScheduler, TeleportScheduler
 from .testbed import SamplerSpec, diffusers_baselines
 
 TELEPORT_SKIP = 0.2
@@ -26,6 +26,14 @@ def sampler_registry(stats: GaussianStats | None = None) -> dict[str, SamplerSpe
     registry = dict(diffusers_baselines())
     registry["bdia"] = SamplerSpec("bdia", lambda c: BDIAScheduler.from_config(c, gamma=0.5))
     registry["bdia-g1"] = SamplerSpec("bdia-g1", lambda c: BDIAScheduler.from_config(c, gamma=1.0))
+    registry["dualfast"] = SamplerSpec("dualfast", lambda c: DualFastScheduler.from_config(c))
+    registry["dualfast-paper"] = SamplerSpec(
+        "dualfast-paper", lambda c: DualFastScheduler.from_config(c, tau="first", mix_placement="model_output")
+    )
+    # LML at its released defaults is exactly its base; this is the best setting measured on the testbed
+    registry["lml-k0.5"] = SamplerSpec(
+        "lml-k0.5", lambda c: LMLScheduler.from_config(c, lm_lambda=10.0, lm_kappa=0.5)
+    )
     if stats is not None:
         for base in ("dpmpp2m", "unipc"):
             registry[f"{base}+teleport"] = SamplerSpec(

@@ -2,7 +2,9 @@
 
 from .base import DiffSamplersScheduler, DiffSamplersSchedulerOutput
 from .bdia import BDIAInverseOutput, BDIAScheduler
+from .dualfast import DualFastScheduler
 from .gaussian_stats import GaussianStats, frame_coeffs, latent_frame, teleport
+from .lml import LMLScheduler, lm_correct
 from .teleport import TeleportScheduler
 
 __all__ = [
@@ -10,9 +12,12 @@ __all__ = [
     "BDIAScheduler",
     "DiffSamplersScheduler",
     "DiffSamplersSchedulerOutput",
+    "DualFastScheduler",
     "GaussianStats",
+    "LMLScheduler",
     "TeleportScheduler",
     "frame_coeffs",
     "latent_frame",
+    "lm_correct",
     "teleport",
 ]
