@@ -62,3 +62,33 @@ def plot_metric_vs_nfe(
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def save_grid(rows: list, labels: list[str], path: str, *, title: str = "", scale: int = 4) -> None:
+    """Save rows of images in [0, 1] (each ``(N, C, H, W)``) as one labelled PNG grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncol = max(len(r) for r in rows)
+    h, w = rows[0].shape[-2:]
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(ncol * w * scale / 40 + 1, len(rows) * h * scale / 40 + 0.4),
+                             dpi=100, squeeze=False)
+    for i, (row, label) in enumerate(zip(rows, labels)):
+        for j in range(ncol):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j < len(row):
+                img = row[j].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1,
+                          interpolation="nearest")
+            else:
+                ax.axis("off")
+        axes[i][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

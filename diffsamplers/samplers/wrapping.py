@@ -114,7 +114,8 @@ BASE_CONFIG_DOC = """
         use_flow_sigmas, flow_shift (*optional*): DPMSolver/UniPC flow-matching mode.
         final_sigmas_type (`str`, *optional*): `"zero"` or `"sigma_min"`.
         lambda_min_clipped (`float`, *optional*): DPMSolver's log-SNR clip.
-        variance_type (`str`, *optional*): must stay `None` (learned-variance outputs are not supported).
+        variance_type (`str`, *optional*): `"learned"`/`"learned_range"` (learned-variance outputs) are refused;
+            DDPM's `"fixed_small"`/`"fixed_large"` only describe ancestral noise and are ignored.
         predict_x0, disable_corrector, sigma_min, sigma_max (*optional*): UniPC only.
         shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len, max_image_seq_len, invert_sigmas,
             shift_terminal, time_shift_type, stochastic_sampling (*optional*): FlowMatchEuler (and the shift keys
@@ -220,7 +221,8 @@ class WrappedScheduler(SchedulerMixin, ConfigMixin):
             not isinstance(c.num_train_timesteps, (int, np.integer)) or c.num_train_timesteps < 2
         ):
             raise ValueError(f"num_train_timesteps must be an integer >= 2, got {c.num_train_timesteps!r}")
-        if c.variance_type is not None:
+        if c.variance_type in ("learned", "learned_range"):
+            # a DDPM config's "fixed_small"/"fixed_large" only describe ancestral noise: the ODE solvers ignore them
             raise ValueError(f"variance_type={c.variance_type!r} (learned-variance outputs) is not supported")
         self._build_base()
         resolved = {
