@@ -1,0 +1,98 @@
+# Copyright 2026 The diffsamplers authors. Licensed under the Apache License, Version 2.0.
+"""Time of one ``step()`` of each diffsamplers scheduler against diffusers' DPMSolverMultistep on the same latent.
+
+Prints ratios measured in one run (target: <= 1.5x the DPMSolverMultistep step). Every scheduler walks a full
+50-step run with a fixed model output, so multistep history and per-step bookkeeping are included; the median
+over repeats of the mean per-step time is reported.
+
+    python benchmarks/step_overhead.py [--device cpu|cuda] [--dtype float32|float16] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+from diffusers import DPMSolverMultistepScheduler
+
+SD_CONFIG = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+    steps_offset=1, timestep_spacing="leading",
+)
+
+
+def candidates() -> dict[str, Callable[[dict], Any]]:
+    """The schedulers to time, by name (DPMSolverMultistep first: the yardstick)."""
+    from diffsamplers import BDIAScheduler, DualFastScheduler, LMLScheduler
+
+    return {
+        "dpmsolver++2M (diffusers)": lambda c: DPMSolverMultistepScheduler.from_config(c),
+        "BDIA": lambda c: BDIAScheduler.from_config(c, gamma=0.5),
+        "DualFast (DPM++2M)": lambda c: DualFastScheduler.from_config(c),
+        "LML (DPM++2M, kappa 0.5)": lambda c: LMLScheduler.from_config(c, lm_lambda=10.0, lm_kappa=0.5),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(build: Callable[[dict], Any], shape: tuple, device: torch.device, dtype: torch.dtype,
+               steps: int = 50, repeats: int = 5) -> float:
+    """Median over ``repeats`` runs of the mean seconds per ``step()`` call."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    sample0 = torch.randn(shape, generator=g).to(device, dtype)
+    output = torch.randn(shape, generator=g).to(device, dtype)
+    times = []
+    for rep in range(repeats + 1):  # the first run warms up caches and kernels
+        scheduler = build(SD_CONFIG)
+        scheduler.set_timesteps(steps, device=device)
+        sample = sample0
+        _sync(device)
+        start = time.perf_counter()
+        for t in scheduler.timesteps:
+            sample = scheduler.step(output, t, sample).prev_sample
+        _sync(device)
+        if rep:
+            times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times)
+
+
+def run(device: str = "cpu", dtype: str = "float32", repeats: int = 5,
+        shapes: tuple = ((2, 4, 64, 64), (8, 4, 64, 64), (2, 4, 128, 128), (8, 4, 128, 128))) -> list[dict]:
+    dev, dt = torch.device(device), getattr(torch, dtype)
+    rows = []
+    for shape in shapes:
+        timings = {name: time_steps(build, shape, dev, dt, repeats=repeats) for name, build in candidates().items()}
+        base = timings["dpmsolver++2M (diffusers)"]
+        for name, seconds in timings.items():
+            rows.append(dict(shape="x".join(map(str, shape)), scheduler=name, ms_per_step=seconds * 1e3,
+                             ratio_vs_dpmsolver=seconds / base))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    args = parser.parse_args()
+    rows = run(args.device, args.dtype, args.repeats)
+    print(f"step() time vs diffusers DPMSolverMultistep, device={args.device}, dtype={args.dtype}")
+    print(f"{'latent':>14}  {'scheduler':<26} {'ms/step':>9} {'ratio':>7}")
+    for r in rows:
+        flag = "" if r["ratio_vs_dpmsolver"] <= 1.5 else "  (> 1.5x target)"
+        print(f"{r['shape']:>14}  {r['scheduler']:<26} {r['ms_per_step']:9.3f} {r['ratio_vs_dpmsolver']:7.2f}{flag}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
