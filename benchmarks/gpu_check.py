@@ -9,7 +9,7 @@
 
     python benchmarks/gpu_check.py --out DIR [--inception PATH] [--bench-samples N]
 
-Everything is written to DIR/gpu_check.json and printed; the bench writes its own files under DIR/bench.
+Everything is written to DIR/gpu_check.json (and the bench's FID plot to DIR/bench_fid_vs_nfe.png) and printed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import torch
@@ -68,10 +70,11 @@ def main() -> None:
         from diffsamplers.eval.cli import main as cli
 
         start = time.perf_counter()
-        out = os.path.join(args.out, "bench")
+        out = tempfile.mkdtemp(prefix="bench-")  # the ground-truth shards and grids stay behind
         cli(["bench", "--device", "cuda", "--num-samples", str(args.bench_samples), "--out", out])
         with open(os.path.join(out, "results.json")) as f:
             result["bench"] = json.load(f)
+        shutil.copy(os.path.join(out, "fid_vs_nfe.png"), os.path.join(args.out, "bench_fid_vs_nfe.png"))
         result["bench_seconds"] = time.perf_counter() - start
         print(f"({result['bench_seconds']:.0f} s)", flush=True)
         save()
