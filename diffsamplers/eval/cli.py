@@ -56,10 +56,10 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     # the testbed and the bundled model share their data (scikit-learn's digits): teleportation has its statistics
     registry = sampler_registry(digits_stats() if args.model in ("digits", "testbed") else None)
     if args.list:
-        for name in registry:
-            print(name)
+        for name, spec in registry.items():
+            print(name if spec.default else f"{name} (on request)")
         return []
-    names = args.samplers or list(registry)
+    names = args.samplers or [name for name, spec in registry.items() if spec.default]
     unknown = [n for n in names if n not in registry]
     if unknown:
         raise SystemExit(f"diffsamplers bench: unknown sampler(s) {unknown}; known: {sorted(registry)}")

@@ -25,10 +25,12 @@ def sampler_registry(stats: GaussianStats | None = None) -> dict[str, SamplerSpe
     training data, in its latent space) the teleported variants of DPM-Solver++(2M) and UniPC are included."""
     registry = dict(diffusers_baselines())
     registry["bdia"] = SamplerSpec("bdia", lambda c: BDIAScheduler.from_config(c, gamma=0.5))
-    registry["bdia-g1"] = SamplerSpec("bdia-g1", lambda c: BDIAScheduler.from_config(c, gamma=1.0))
+    registry["bdia-g1"] = SamplerSpec("bdia-g1", lambda c: BDIAScheduler.from_config(c, gamma=1.0), default=False)
     registry["dualfast"] = SamplerSpec("dualfast", lambda c: DualFastScheduler.from_config(c))
     registry["dualfast-paper"] = SamplerSpec(
-        "dualfast-paper", lambda c: DualFastScheduler.from_config(c, tau="first", mix_placement="model_output")
+        "dualfast-paper",
+        lambda c: DualFastScheduler.from_config(c, tau="first", mix_placement="model_output"),
+        default=False,
     )
     # LML at its released defaults is exactly its base; this is the best setting measured on the testbed
     registry["lml-k0.5"] = SamplerSpec(

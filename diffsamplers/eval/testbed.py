@@ -36,11 +36,13 @@ class SamplerSpec:
         name (`str`): the label in tables.
         build (`Callable[[dict], scheduler]`): makes a fresh scheduler from the testbed config.
         steps_for_nfe (`Callable[[int], int]`): number of inference steps for a model-call budget.
+        default (`bool`): part of the default ``diffsamplers bench`` run (variants are run on request).
     """
 
     name: str
     build: Callable[[dict], Any]
     steps_for_nfe: Callable[[int], int] = lambda nfe: nfe
+    default: bool = True
 
 
 def diffusers_baselines() -> dict[str, SamplerSpec]:
