@@ -5,7 +5,7 @@ Prints ratios measured in one run (target: <= 1.5x the DPMSolverMultistep step).
 50-step run with a fixed model output, so multistep history and per-step bookkeeping are included; the median
 over repeats of the mean per-step time is reported.
 
-    python benchmarks/step_overhead.py [--device cpu|cuda] [--dtype float32|float16] [--repeats 5]
+    python benchmarks/step_overhead.py [--device cpu|cuda] [--dtype float32|float16] [--repeats 5] [--threads N]
 """
 
 from __future__ import annotations
@@ -42,25 +42,37 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(build: Callable[[dict], Any], shape: tuple, device: torch.device, dtype: torch.dtype,
-               steps: int = 50, repeats: int = 5) -> float:
-    """Median over ``repeats`` runs of the mean seconds per ``step()`` call."""
+def time_run(build: Callable[[dict], Any], sample0: torch.Tensor, output: torch.Tensor, device: torch.device,
+             steps: int = 50) -> float:
+    """Mean seconds per ``step()`` call over one full run of a freshly built scheduler."""
+    scheduler = build(SD_CONFIG)
+    scheduler.set_timesteps(steps, device=device)
+    sample = sample0
+    _sync(device)
+    start = time.perf_counter()
+    for t in scheduler.timesteps:
+        sample = scheduler.step(output, t, sample).prev_sample
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def time_steps(builds: dict[str, Callable[[dict], Any]], shape: tuple, device: torch.device, dtype: torch.dtype,
+               steps: int = 50, repeats: int = 5) -> dict[str, float]:
+    """Median over ``repeats`` runs of the mean seconds per ``step()`` call, per scheduler.
+
+    The schedulers take turns within each repeat, so a burst of load from other processes on a shared machine
+    lands on all of them alike instead of on whichever one happens to be timed at that moment.
+    """
     g = torch.Generator(device="cpu").manual_seed(0)
     sample0 = torch.randn(shape, generator=g).to(device, dtype)
     output = torch.randn(shape, generator=g).to(device, dtype)
-    times = []
-    for rep in range(repeats + 1):  # the first run warms up caches and kernels
-        scheduler = build(SD_CONFIG)
-        scheduler.set_timesteps(steps, device=device)
-        sample = sample0
-        _sync(device)
-        start = time.perf_counter()
-        for t in scheduler.timesteps:
-            sample = scheduler.step(output, t, sample).prev_sample
-        _sync(device)
-        if rep:
-            times.append((time.perf_counter() - start) / steps)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in builds}
+    for rep in range(repeats + 1):  # the first round warms up caches and kernels
+        for name, build in builds.items():
+            seconds = time_run(build, sample0, output, device, steps)
+            if rep:
+                times[name].append(seconds)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def run(device: str = "cpu", dtype: str = "float32", repeats: int = 5,
@@ -68,7 +80,7 @@ def run(device: str = "cpu", dtype: str = "float32", repeats: int = 5,
     dev, dt = torch.device(device), getattr(torch, dtype)
     rows = []
     for shape in shapes:
-        timings = {name: time_steps(build, shape, dev, dt, repeats=repeats) for name, build in candidates().items()}
+        timings = time_steps(candidates(), shape, dev, dt, repeats=repeats)
         base = timings["dpmsolver++2M (diffusers)"]
         for name, seconds in timings.items():
             rows.append(dict(shape="x".join(map(str, shape)), scheduler=name, ms_per_step=seconds * 1e3,
@@ -81,10 +93,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's own); 1 gives steadier numbers on a shared machine")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     rows = run(args.device, args.dtype, args.repeats)
-    print(f"step() time vs diffusers DPMSolverMultistep, device={args.device}, dtype={args.dtype}")
+    print(f"step() time vs diffusers DPMSolverMultistep, device={args.device}, dtype={args.dtype}, "
+          f"threads={torch.get_num_threads()}")
     print(f"{'latent':>14}  {'scheduler':<26} {'ms/step':>9} {'ratio':>7}")
     for r in rows:
         flag = "" if r["ratio_vs_dpmsolver"] <= 1.5 else "  (> 1.5x target)"

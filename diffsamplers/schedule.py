@@ -292,6 +292,29 @@ def to_x0_eps(
     return (x - s * out) / (a + s), (x + a * out) / (a + s)
 
 
+def prediction_coefficients(
+    prediction_type: str, alpha: float, sigma: float
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The linear map of :func:`to_x0_eps` at one scalar level, as host floats.
+
+    Returns ``((x0_k_out, x0_k_x), (eps_k_out, eps_k_x))`` with ``x0 = x0_k_out * model_output + x0_k_x * x_t`` and
+    ``eps = eps_k_out * model_output + eps_k_x * x_t``. A step that is linear in ``(x0, eps)`` can then fold its own
+    level coefficients into two numbers and touch each input tensor once, instead of materialising ``x0`` and
+    ``eps``. ``alpha`` and ``sigma`` are scalars (Python floats or 0-d CPU tensors), evaluated in float64.
+    """
+    _check_prediction_type(prediction_type)
+    a, s = float(alpha), float(sigma)
+    if prediction_type == "epsilon":
+        return (-s / a, 1.0 / a), (1.0, 0.0)
+    if prediction_type == "sample":
+        return (1.0, 0.0), (-a / s, 1.0 / s)
+    if prediction_type == "v_prediction":  # v = a eps - s x0
+        norm = a * a + s * s
+        return (-s / norm, a / norm), (a / norm, s / norm)
+    # flow velocity u = eps - x0
+    return (-s / (a + s), 1.0 / (a + s)), (a / (a + s), 1.0 / (a + s))
+
+
 def from_x0_eps(x0: torch.Tensor, eps: torch.Tensor, alpha: Any, sigma: Any, prediction_type: str) -> torch.Tensor:
     """The model output of ``prediction_type`` that corresponds to ``(x0, eps)``."""
     _check_prediction_type(prediction_type)

@@ -167,6 +167,26 @@ def test_flow_update_is_bdia_on_flow_match_euler_sigmas():
         upper, x = x, got
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_linear_step_returns_fresh_outputs_and_the_x0_prediction(prediction_type):
+    # BDIA steps combine in reused float64 buffers: outputs (float64 ones too) must not alias them, and
+    # pred_original_sample is the x0 of to_x0_eps at the step's level, in the model's dtype
+    cfg = DDIMScheduler(**SD_VP, prediction_type=prediction_type, timestep_spacing="trailing").config
+    bdia = BDIAScheduler.from_config(cfg, gamma=0.7)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        bdia.set_timesteps(6)
+        x, kept = randn(2, 4, 5, 5, dtype=dtype), []
+        for k, t in enumerate(bdia.timesteps):
+            out = randn(*x.shape, seed=k + 1, dtype=dtype)
+            step = bdia.step(out, t, x)
+            x0 = to_x0_eps(out.double(), x.double(), bdia.alpha_t[k], bdia.sigma_t[k], prediction_type)[0]
+            assert step.prev_sample.dtype == step.pred_original_sample.dtype == dtype
+            torch.testing.assert_close(step.pred_original_sample.double(), x0, rtol=tol, atol=tol * x0.abs().max())
+            kept.append((step.prev_sample, step.prev_sample.clone()))
+            x = step.prev_sample
+        assert all(torch.equal(returned, copy) for returned, copy in kept)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # exact inversion
 # ---------------------------------------------------------------------------------------------------------------

@@ -120,6 +120,41 @@ def test_no_nan_in_half_precision(dtype):
     torch.testing.assert_close(lm_correct(g, g_prev, 1e-3, 0.5).double(), exact, rtol=2e-2, atol=2e-1)
 
 
+def test_tensor_path_of_the_coefficients_matches_the_host_path(model, x_T, monkeypatch):
+    # on CPU tensors the per-sample algebra runs on Python floats; on other devices, and under autograd, on tensors
+    from diffsamplers.samplers import lml
+
+    g_ = torch.Generator().manual_seed(6)
+    g = torch.randn(3, 40, generator=g_, dtype=torch.float64)
+    g_prev = g + 0.1 * torch.randn(3, 40, generator=g_, dtype=torch.float64)
+    host = lm_correct(g, g_prev, 0.7, 0.4)
+    tracked = lm_correct(g.clone().requires_grad_(), g_prev, 0.7, 0.4)
+    assert tracked.requires_grad
+    torch.testing.assert_close(tracked.detach(), host, rtol=1e-13, atol=1e-13)
+
+    def run(host_path):
+        init = lml._DirectionGram.__init__
+
+        def patched(self, like):
+            init(self, like)
+            self.host = self.host and host_path
+
+        monkeypatch.setattr(lml._DirectionGram, "__init__", patched)
+        build = lambda base: LMLScheduler.from_config(  # noqa: E731
+            CONFIG, base_scheduler=base, lm_lambda=30.0, lm_kappa=0.5
+        )
+        outputs = [
+            run_scheduler(build(base), model, x, 5)[0]
+            for base in ("DDIMScheduler", "DPMSolverMultistepScheduler")
+            for x in (x_T, x_T.float())
+        ]
+        monkeypatch.setattr(lml._DirectionGram, "__init__", init)
+        return outputs
+
+    for device_path, host_path in zip(run(False), run(True)):
+        torch.testing.assert_close(device_path, host_path, rtol=1e-12, atol=1e-12)
+
+
 # -- the scheduler ---------------------------------------------------------------------------------------------
 
 DPM = "DPMSolverMultistepScheduler"

@@ -16,6 +16,7 @@ from diffsamplers.schedule import (
     ddim_step,
     flow_timesteps,
     from_x0_eps,
+    prediction_coefficients,
     to_x0_eps,
 )
 
@@ -102,6 +103,25 @@ def test_conversions_are_mutually_consistent():
             torch.testing.assert_close(got_eps, eps, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="prediction_type"):
         to_x0_eps(x0, x0, 0.5, 0.5, "velocity")
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_prediction_coefficients_are_the_linear_map_of_to_x0_eps(prediction_type):
+    g = torch.Generator().manual_seed(2)
+    out = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64)
+    x = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64)
+    flow = prediction_type == "flow_prediction"
+    # VP levels from almost clean to almost pure noise (flow: alpha = 1 - sigma), as floats and as 0-d tensors
+    levels = [(1 - s, s) if flow else ((1 - s * s) ** 0.5, s) for s in (0.01, 0.3, 0.8, 0.998)]
+    levels.append(tuple(torch.tensor(v, dtype=torch.float64) for v in levels[1]))
+    for alpha, sigma in levels:
+        (x0_out, x0_x), (eps_out, eps_x) = prediction_coefficients(prediction_type, alpha, sigma)
+        assert all(isinstance(k, float) for k in (x0_out, x0_x, eps_out, eps_x))
+        x0, eps = to_x0_eps(out, x, alpha, sigma, prediction_type)
+        torch.testing.assert_close(x0_out * out + x0_x * x, x0, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(eps_out * out + eps_x * x, eps, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="prediction_type"):
+        prediction_coefficients("velocity", 0.6, 0.8)
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])

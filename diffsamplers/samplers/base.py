@@ -253,12 +253,13 @@ class DiffSamplersScheduler(SchedulerMixin, ConfigMixin):
         ``use_clipped_model_output`` is set.
         """
         a, s = self.alpha_t[index], self.sigma_t[index]
-        x0, eps = to_x0_eps(model_output.double(), sample.double(), a, s, self.config.prediction_type)
+        x = sample.double()  # converted once: the clipped branch needs it again
+        x0, eps = to_x0_eps(model_output.double(), x, a, s, self.config.prediction_type)
         if self.config.clip_sample:
             r = self.config.clip_sample_range
             x0 = x0.clamp(-r, r)
             if recompute_eps:
-                eps = (sample.double() - a * x0) / s
+                eps = (x - a * x0) / s
         return x0, eps
 
     # -- noising ------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
-from ..schedule import ddim_step
+from ..schedule import ddim_step, prediction_coefficients
 from .base import DiffSamplersScheduler, DiffSamplersSchedulerOutput
 
 
@@ -136,12 +136,15 @@ class BDIAScheduler(DiffSamplersScheduler):
         self.register_to_config(gamma=float(gamma))  # a plain float in the saved config
         self._validate_common_config()
         self._pending_pair: tuple[torch.Tensor, torch.Tensor] | None = None
+        # two float64 latents reused by the linear step (see `_workspace`); kept across runs of one shape
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
         self._reset_state()
 
     # -- per-run state ------------------------------------------------------------------------------------------
 
     def _reset_state(self) -> None:
-        # z_{i+1}: the input sample of the previous step of this run (None before the first step)
+        # z_{i+1}: the input sample of the previous step of this run (None before the first step); after a linear
+        # step it is one of the float64 work buffers
         self._upper_sample: torch.Tensor | None = None
 
     def reset(self) -> None:
@@ -210,45 +213,111 @@ class BDIAScheduler(DiffSamplersScheduler):
             raise ValueError(f"BDIA is deterministic: eta must be 0 and variance_noise None, got eta={eta!r}")
         index = self._begin_step(timestep)
         gamma = float(self.config.gamma)
-        x0, eps = self._x0_eps(model_output, sample, index, recompute_eps=bool(use_clipped_model_output))
-        # D_{i->i-1}(z_i): the plain DDIM step (Song et al. 2021, eq. 12 with eta = 0)
-        lower = ddim_step(
-            x0, eps, self.alpha_t[index], self.sigma_t[index], self.alpha_next[index], self.sigma_next[index]
-        )
         upper = self._upper_sample  # z_{i+1}, or None on the first step of a run
         next_upper = sample
-        prev_sample = None
         if self._pending_pair is not None:
             pair_upper, pair_lower = self._pending_pair
             self._pending_pair = None
             if _same(sample, pair_upper):  # a pipeline starting at z_{i+1}: hand back z_i, BDIA from the next step
-                prev_sample, next_upper = pair_lower.to(torch.float64), pair_upper
-            elif _same(sample, pair_lower):  # a custom loop starting at z_i
-                upper, next_upper = pair_upper, pair_lower
-            else:
+                x0, _ = self._x0_eps(model_output, sample, index, recompute_eps=bool(use_clipped_model_output))
+                return self._finish(pair_lower.to(torch.float64), x0, pair_upper, model_output.dtype, return_dict)
+            if not _same(sample, pair_lower):
                 raise ValueError("the first step after set_inversion_pair must start from one of the injected samples")
-        if prev_sample is None:
-            if upper is None or gamma == 0.0:
-                prev_sample = lower  # the first step of a run is plain DDIM (spec §1.3); gamma = 0 is DDIM bit for bit
-            else:
-                if index == 0:
-                    raise ValueError(
-                        "a BDIA step needs the level above it, so it cannot be made at the first timestep"
-                    )
+            upper = pair_upper  # a custom loop starting at z_i
+        if upper is not None and gamma != 0.0 and index == 0:
+            raise ValueError("a BDIA step needs the level above it, so it cannot be made at the first timestep")
+        if upper is None or gamma == 0.0 or self.config.clip_sample:
+            # the first step of a run is plain DDIM (spec §1.3), gamma = 0 is DDIM bit for bit, and the x0 clip is not
+            # linear: these take the general float64 path through (x0, eps)
+            x0, eps = self._x0_eps(model_output, sample, index, recompute_eps=bool(use_clipped_model_output))
+            # D_{i->i-1}(z_i): the plain DDIM step (Song et al. 2021, eq. 12 with eta = 0)
+            prev_sample = ddim_step(
+                x0, eps, self.alpha_t[index], self.sigma_t[index], self.alpha_next[index], self.sigma_next[index]
+            )
+            if upper is not None and gamma != 0.0:
                 # D_{i->i+1}(z_i): DDIM backward to the previous entry of `timesteps` (never t + T // N)
                 back = ddim_step(
                     x0, eps, self.alpha_t[index], self.sigma_t[index], self.alpha_t[index - 1], self.sigma_t[index - 1]
                 )
-                # BDIA-DDIM (spec §1.2): z_{i-1} = D_{i->i-1}(z_i) + gamma * (z_{i+1} - D_{i->i+1}(z_i)),
-                # combined in float64
-                prev_sample = lower + gamma * (upper.to(torch.float64) - back)
-        self._upper_sample = next_upper
+                # BDIA-DDIM (spec §1.2): z_{i-1} = D_{i->i-1}(z_i) + gamma * (z_{i+1} - D_{i->i+1}(z_i)), in float64
+                prev_sample = prev_sample + gamma * (upper.to(prev_sample.device, torch.float64) - back)
+            return self._finish(prev_sample, x0, next_upper, model_output.dtype, return_dict)
+        return self._linear_step(model_output, sample, upper, index, gamma, return_dict)
+
+    def _linear_step(
+        self,
+        model_output: torch.Tensor,
+        sample: torch.Tensor,
+        upper: torch.Tensor,
+        index: int,
+        gamma: float,
+        return_dict: bool,
+    ) -> DiffSamplersSchedulerOutput | tuple:
+        """The unclipped BDIA step as one float64 linear combination of ``(z_{i+1}, model_output, z_i)``.
+
+        ``x0`` and ``eps`` are linear in ``(model_output, z_i)`` with host-side coefficients
+        (:func:`~diffsamplers.schedule.prediction_coefficients`), so the spec's coefficient form (§1.2),
+        ``z_{i-1} = gamma z_{i+1} + A x0 + B eps`` with ``A = a_{i-1} - gamma a_{i+1}`` and
+        ``B = s_{i-1} - gamma s_{i+1}``, is ``gamma z_{i+1} + c_out model_output + c_x z_i``. It is accumulated in
+        two reused float64 buffers instead of materialising ``x0``, ``eps`` and both DDIM transports in fresh float64
+        tensors, which made the step several times the cost of a DPMSolver step on large latents. ``z_i`` is kept
+        in float64 as the next step's ``z_{i+1}``.
+        """
+        a_t, s_t = self._level(self.alpha_t, index), self._level(self.sigma_t, index)
+        a_lo, s_lo = self._level(self.alpha_next, index), self._level(self.sigma_next, index)
+        a_up, s_up = self._level(self.alpha_t, index - 1), self._level(self.sigma_t, index - 1)
+        (x0_out, x0_x), (eps_out, eps_x) = prediction_coefficients(self.config.prediction_type, a_t, s_t)
+        k_x0, k_eps = a_lo - gamma * a_up, s_lo - gamma * s_up
+        c_out, c_x = k_x0 * x0_out + k_eps * eps_out, k_x0 * x0_x + k_eps * eps_x
+
+        acc, spare = self._workspace(sample)
+        if upper is not acc:  # z_{i+1} not yet held in our float64 buffer (the second step, an injected pair)
+            acc.copy_(upper)
+        acc.mul_(gamma)
+        spare.copy_(model_output)
+        acc.add_(spare, alpha=c_out)
+        spare.copy_(sample)  # z_i in float64: added now and kept as the next step's z_{i+1}
+        acc.add_(spare, alpha=c_x)
+        dtype = model_output.dtype
+        prev_sample = acc.to(dtype, copy=True)  # a copy even for float64: acc is overwritten by the next step
+        self._buffers = (spare, acc)
+        # pred_original_sample in the model's dtype (at least float32), as DDIMScheduler returns it; one pass on the
+        # inputs rather than a float64 x0 and its cast
+        compute = torch.promote_types(dtype, torch.float32)
+        x0 = (model_output.to(compute) * x0_out).add_(sample.to(compute), alpha=x0_x).to(dtype)
+        self._upper_sample = spare
         self._step_index += 1
-        prev_sample = prev_sample.to(model_output.dtype)
-        x0 = x0.to(model_output.dtype)
         if not return_dict:
             return (prev_sample, x0)
         return DiffSamplersSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+    def _finish(
+        self,
+        prev_sample: torch.Tensor,
+        x0: torch.Tensor,
+        next_upper: torch.Tensor,
+        dtype: torch.dtype,
+        return_dict: bool,
+    ) -> DiffSamplersSchedulerOutput | tuple:
+        self._upper_sample = next_upper
+        self._step_index += 1
+        prev_sample, x0 = prev_sample.to(dtype), x0.to(dtype)
+        if not return_dict:
+            return (prev_sample, x0)
+        return DiffSamplersSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+    @staticmethod
+    def _level(table: torch.Tensor, index: int) -> float:
+        return float(table[index])
+
+    def _workspace(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two float64 buffers shaped like ``like``, reused across steps (and runs) of one latent shape, so that the
+        float64 combination allocates nothing per step."""
+        buffers = self._buffers
+        if buffers is None or buffers[0].shape != like.shape or buffers[0].device != like.device:
+            buffers = tuple(torch.empty(like.shape, dtype=torch.float64, device=like.device) for _ in range(2))
+            self._buffers = buffers
+        return buffers
 
     # -- inversion ----------------------------------------------------------------------------------------------
 

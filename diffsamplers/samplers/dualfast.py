@@ -14,7 +14,7 @@ from diffusers import UniPCMultistepScheduler
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
-from ..schedule import from_x0_eps, to_x0_eps
+from ..schedule import from_x0_eps, prediction_coefficients
 from .wrapping import BASE_CONFIG_DOC, WrappedScheduler
 
 TAUS = ("first", "previous")
@@ -184,10 +184,20 @@ class DualFastScheduler(WrappedScheduler):
             raise ValueError(f"algorithm_type must be 'dpmsolver' or 'dpmsolver++' for DualFast, got {algorithm!r}")
 
     def _reset_state(self) -> None:
+        if "_buffers" not in self.__dict__:
+            self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # see `_prediction_buffers`
         self._tau_prediction: torch.Tensor | None = None
         self._tau_index: int | None = None
         if isinstance(getattr(self, "base", None), _UniPCWithCorrectorOffset):
             self.base.corrector_offset = None
+
+    def _prediction_buffers(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two reused tensors shaped like ``like``: the cached reference prediction and this step's."""
+        buffers = self._buffers
+        stale = buffers is None or buffers[0].shape != like.shape or buffers[0].dtype != like.dtype
+        if stale or buffers[0].device != like.device:
+            buffers = self._buffers = (torch.empty_like(like), torch.empty_like(like))
+        return buffers
 
     # -- the rule -----------------------------------------------------------------------------------------------
 
@@ -200,7 +210,8 @@ class DualFastScheduler(WrappedScheduler):
 
     @property
     def tau_prediction(self) -> torch.Tensor | None:
-        """The cached earlier prediction (``mix_space``) that the next step mixes against."""
+        """The cached earlier prediction (``mix_space``) that the next step mixes against. It lives in a reused
+        buffer, which a later step may overwrite: clone it to keep it."""
         return self._tau_prediction
 
     @property
@@ -222,10 +233,17 @@ class DualFastScheduler(WrappedScheduler):
         alpha, sigma, alpha_next, sigma_next = self._levels[index]
         compute_dtype = torch.promote_types(model_output.dtype, torch.float32)
         output = model_output.to(compute_dtype)
-        # the prediction in mix_space, p = k_out * output + k_x * sample (Python scalars: no host-device transfer)
-        k_out, k_x = _prediction_coefficients(self.prediction_type, config.mix_space, alpha, sigma)
-        prediction = output * k_out if k_x == 0 else output * k_out + sample.to(compute_dtype) * k_x
+        # the prediction in mix_space, p = k_out * output + k_x * sample (Python scalars: no host-device transfer).
+        # It is written into whichever of two reused buffers does not hold the cached reference (a fresh tensor per
+        # step costs page faults on large latents), and it is a copy even for k_out = 1, k_x = 0: the cached one must
+        # not alias a model output the caller may overwrite in place (a static CUDA-graph output buffer, say)
+        x0_k, eps_k = prediction_coefficients(self.prediction_type, alpha, sigma)
+        k_out, k_x = eps_k if config.mix_space == "eps" else x0_k
         reference = self._tau_prediction
+        ring = self._prediction_buffers(output)
+        prediction = torch.mul(output, k_out, out=ring[1] if reference is ring[0] else ring[0])
+        if k_x != 0:
+            prediction.add_(sample.to(compute_dtype), alpha=k_x)
         if config.tau == "previous" or reference is None:
             self._tau_prediction, self._tau_index = prediction, index
         coefficient = self.mixing_coefficient(index)
@@ -241,14 +259,13 @@ class DualFastScheduler(WrappedScheduler):
             k_eps, k_x0 = 1.0, -sigma / alpha
         else:
             k_x0, k_eps = 1.0, -alpha / sigma
-        difference = prediction - reference
-
         placement = config.mix_placement
         if placement == "leading_term" and config.base_scheduler == "DDIMScheduler":
             placement = "model_output"  # DDIM has no history: the two are the same update
         if placement == "model_output":
             k = coefficient * _output_change(self.prediction_type, k_x0, k_eps, alpha, sigma)
-            mixed = torch.add(output, difference, alpha=k).to(model_output.dtype)
+            # output + k (p - p_tau); a fresh tensor, since the base may keep the model output it is given
+            mixed = torch.add(output, prediction, alpha=k).sub_(reference, alpha=k).to(model_output.dtype)
             return self._call_base(mixed, timestep, sample, step_kwargs)
 
         result = self._call_base(model_output, timestep, sample, step_kwargs)
@@ -259,25 +276,21 @@ class DualFastScheduler(WrappedScheduler):
             # variant A: only the explicit noise direction; DDIM's eq. (12) coefficient sqrt(1 - a_prev - std^2)
             std = self._ddim_noise_std(index, step_kwargs.get("eta", 0.0))
             k = coefficient * math.sqrt(max(sigma_next**2 - std**2, 0.0)) * k_eps
-        shift = difference * k
         prev = result.prev_sample
-        result.prev_sample = (prev.to(compute_dtype) + shift).to(prev.dtype)
         if unipc:
+            shift = (prediction - reference).mul_(k)  # the corrector re-adds it at the next step
             self.base.corrector_offset = shift
+            result.prev_sample = (prev.to(compute_dtype) + shift).to(prev.dtype)
+            return result
+        work = prev.to(compute_dtype)
+        if work is sample or work is model_output:  # never write into the caller's tensors
+            work = work.clone()
+        # prev + k (p - p_tau), in place on the base's fresh result (diffusers' solvers keep no reference to it)
+        result.prev_sample = work.add_(prediction, alpha=k).sub_(reference, alpha=k).to(prev.dtype)
         return result
 
 
-def _prediction_coefficients(prediction_type: str, space: str, alpha: float, sigma: float) -> tuple[float, float]:
-    """``(k_out, k_x)`` with ``eps`` (or ``x0``) ``= k_out * model_output + k_x * x_t``: the linear map of
-    :func:`diffsamplers.schedule.to_x0_eps`, read off by evaluating it on unit inputs."""
-    one, zero = torch.ones((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    pick = 1 if space == "eps" else 0
-    k_out = to_x0_eps(one, zero, alpha, sigma, prediction_type)[pick]
-    k_x = to_x0_eps(zero, one, alpha, sigma, prediction_type)[pick]
-    return float(k_out), float(k_x)
-
-
 def _output_change(prediction_type: str, k_x0: float, k_eps: float, alpha: float, sigma: float) -> float:
-    """The change of the model output for a change ``(k_x0, k_eps)`` of ``(x0, eps)`` (``from_x0_eps`` is linear)."""
-    x0, eps = torch.tensor(k_x0, dtype=torch.float64), torch.tensor(k_eps, dtype=torch.float64)
-    return float(from_x0_eps(x0, eps, alpha, sigma, prediction_type))
+    """The change of the model output for a change ``(k_x0, k_eps)`` of ``(x0, eps)`` (``from_x0_eps`` is linear;
+    evaluated on Python floats, so no tensor is built per step)."""
+    return float(from_x0_eps(k_x0, k_eps, alpha, sigma, prediction_type))

@@ -7,6 +7,7 @@ Research notes: /work/shared/research/lml_stsl.md part 1 (the spec, "§1.x" belo
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import torch
@@ -38,10 +39,12 @@ def lm_correct(
     Levenberg-Marquardt solve ``d = lambda * (lambda * I + u u^T)^{-1} g = g - u <u, g> / (lambda + |u|^2)``
     (Sherman-Morrison), renormalised to the length of ``g``: ``LM(g) = |g| / |d| * d``.
 
-    ``formula="stable"`` (spec §1.6, recommendation 1) evaluates ``d`` without cancellation through
-    ``r = u - g = kappa * (g_prev - g)``: ``d ~ g * (lambda + <u, r>) - r * <u, g>``, elementwise in float32 (float64
-    for float64 input) with float64 reductions (float32 on MPS), and returns ``g`` itself when ``kappa = 0`` (the
-    operator is then the identity in exact arithmetic, §1.6a).
+    ``formula="stable"`` (spec §1.6, recommendation 1) evaluates the operator without cancellation through
+    ``r = u - g = kappa * delta``, ``delta = g_prev - g``: ``d ~ g * (lambda + <u, r>) - r * <u, g>``, and returns
+    ``g`` itself when ``kappa = 0`` (the operator is then the identity in exact arithmetic, §1.6a). Every
+    reduction is a float64 dot product (float32 on MPS) of the two directions: ``d`` lies in their span, so ``<u, r>``,
+    ``<u, g>`` and ``|d|^2`` are all read off the 2x2 Gram matrix of ``(g, g_prev)`` (see :func:`_lm_coefficients`)
+    and ``LM(g) = A g + B delta`` is formed elementwise in float32 (float64 for float64 input).
     ``formula="reference"`` is the released order of operations in float32, whose cancellation perturbs ``g`` even
     at ``kappa = 0`` (§1.6b); it is here only to reproduce that behaviour. A zero ``d`` returns ``g``.
 
@@ -53,25 +56,168 @@ def lm_correct(
         return g
     batch = g.shape[0]
     if formula == "stable":
-        # elementwise work in float32 (float64 for float64 input), every reduction accumulated in float64
         dtype = torch.promote_types(g.dtype, torch.float32)
         gf = g.reshape(batch, -1).to(dtype)
-        r = (g_prev.reshape(batch, -1).to(dtype) - gf) * lm_kappa
-        u = gf + r
-        u_r = (u * r).sum(-1, keepdim=True, dtype=torch.float64)
-        u_g = (u * gf).sum(-1, keepdim=True, dtype=torch.float64)
-        d = gf * (lm_lambda + u_r).to(dtype) - r * u_g.to(dtype)
-    else:
-        gf = g.reshape(batch, -1).to(torch.float32)
-        u = gf if g_prev is None else lm_kappa * g_prev.reshape(batch, -1).to(torch.float32) + (1 - lm_kappa) * gf
-        d = gf - u * ((u * gf).sum(-1, keepdim=True) / (lm_lambda + (u * u).sum(-1, keepdim=True)))
-    accumulate = torch.float32 if g.device.type == "mps" else torch.float64
+        pf = g_prev.reshape(batch, -1).to(dtype)
+        pair = torch.empty((batch, 2, gf.shape[1]), dtype=_accumulate_dtype(g.device), device=g.device)
+        pair[:, 0].copy_(gf)
+        pair[:, 1].copy_(pf)
+        gram = torch.bmm(pair, pair.transpose(1, 2))  # (B, 2, 2): <g, g>, <g, g_prev>, <g_prev, g_prev>
+        a_minus_1, b = _coefficient_tensors(gram[:, 0, 0], gram[:, 0, 1], gram[:, 1, 1], lm_lambda, lm_kappa, gf)
+        out = torch.addcmul(gf, gf, a_minus_1).addcmul_(pf - gf, b)
+        return out.reshape(g.shape).to(g.dtype)
+    gf = g.reshape(batch, -1).to(torch.float32)
+    u = gf if g_prev is None else lm_kappa * g_prev.reshape(batch, -1).to(torch.float32) + (1 - lm_kappa) * gf
+    d = gf - u * ((u * gf).sum(-1, keepdim=True) / (lm_lambda + (u * u).sum(-1, keepdim=True)))
+    accumulate = _accumulate_dtype(g.device)
     g_norm = torch.linalg.vector_norm(gf, dim=-1, keepdim=True, dtype=accumulate)
     d_norm = torch.linalg.vector_norm(d, dim=-1, keepdim=True, dtype=accumulate)
     ok = d_norm > 0
     scale = torch.where(ok, g_norm / torch.where(ok, d_norm, torch.ones_like(d_norm)), torch.ones_like(d_norm))
     out = torch.where(ok, d * scale.to(d.dtype), gf)
     return out.reshape(g.shape).to(g.dtype)
+
+
+def _accumulate_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the reductions, except on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _lm_coefficients(gg: Any, gp: Any, pp: Any, lm_lambda: float, lm_kappa: float) -> tuple[Any, Any]:
+    """``(A - 1, B)`` with ``LM(g) = A g + B (g_prev - g)``, from ``<g, g>``, ``<g, g_prev>`` and
+    ``<g_prev, g_prev>``: Python floats (one sample) or float64 tensors (per sample; float32 on MPS).
+
+    With ``delta = g_prev - g``, ``u = g + kappa delta`` and ``d = a g - kappa b delta``, ``a = lambda + <u, r>``,
+    ``b = <u, g>``. Writing ``d = lambda g + (|u|^2 g - <u, g> u)`` (the second term is orthogonal to ``u``) gives
+    ``|d|^2 = lambda^2 |g|^2 + kappa^2 det(G) (2 lambda + |u|^2)`` with ``det(G) = |g|^2 |g_prev|^2 - <g, g_prev>^2``:
+    a sum of non-negative terms, so the only cancellation left is the Gram determinant itself. In float64, from dot
+    products of float32 data (whose products are exact), its relative error is about ``eps64 / sin^2`` of the angle
+    between ``g`` and ``g_prev``, far below the float32 rounding of the result unless ``g_prev`` is parallel to ``g``
+    to about 8 digits. Then ``A = |g| / |d| * a`` and ``B = -|g| / |d| * kappa * b``; ``A - 1`` is returned so that
+    a step adding ``(A - 1) g`` keeps float64 accuracy in the coefficient. A zero ``g`` gives ``(-1, 0)``, i.e.
+    ``LM(0) = 0``.
+    """
+    lam, kappa = lm_lambda, lm_kappa
+    g_delta = gp - gg  # <g, delta>
+    delta_delta = (pp - gp) - g_delta  # |delta|^2
+    u_g = gg + kappa * g_delta  # b = <u, g>
+    u_r = kappa * (g_delta + kappa * delta_delta)  # <u, r>, r = kappa delta
+    det = _clamp_min(gg * pp - gp * gp, 0.0)  # rounding can leave it slightly negative
+    d_sq = lam * lam * gg + (kappa * kappa) * det * (u_g + u_r + 2.0 * lam)
+    # lambda > 0, so d_sq = 0 only for g = 0; the floor then gives scale 0, u_g = 0, and LM(0) = 0 without a branch
+    scale = _sqrt(gg / _clamp_min(d_sq, _tiny(d_sq)))  # |g| / |d|
+    return scale * (u_r + lam) - 1.0, (-kappa) * scale * u_g
+
+
+def _tiny(value: Any) -> float:
+    """The smallest positive normal number of ``value``'s type (float32 on MPS)."""
+    return sys.float_info.min if isinstance(value, float) else torch.finfo(value.dtype).tiny
+
+
+def _clamp_min(value: Any, floor: float) -> Any:
+    if isinstance(value, float):
+        return value if value > floor else floor
+    return value.clamp(min=floor)
+
+
+def _sqrt(value: Any) -> Any:
+    return math.sqrt(value) if isinstance(value, float) else value.sqrt()
+
+
+def _coefficient_tensors(
+    gg: torch.Tensor, gp: torch.Tensor, pp: torch.Tensor, lm_lambda: float, lm_kappa: float, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_lm_coefficients` per sample from float64 tensors of shape ``(B,)``, as tensors that broadcast over
+    ``like`` in its dtype and device.
+
+    On the CPU the ``B`` triples are read as Python floats (no device sync there) and the algebra runs on the host:
+    its two dozen scalar operations cost far less than the two dozen torch calls (or NumPy calls) on ``(B,)``
+    tensors, which dominated a step on small latents. Elsewhere it stays on the device, so a step never waits
+    for the device; the same on CPU tensors that require grad, to keep the operator differentiable.
+    """
+    shape = (2, like.shape[0]) + (1,) * (like.ndim - 1)
+    if gg.device.type == "cpu" and not (gg.requires_grad or gp.requires_grad or pp.requires_grad):
+        lm_lambda, lm_kappa = float(lm_lambda), float(lm_kappa)
+        pairs = [_lm_coefficients(*t, lm_lambda, lm_kappa) for t in zip(gg.tolist(), gp.tolist(), pp.tolist())]
+        both = torch.tensor(list(zip(*pairs)), dtype=like.dtype).view(shape).to(like.device)
+    else:
+        both = torch.stack(_lm_coefficients(gg, gp, pp, lm_lambda, lm_kappa)).to(like.dtype).view(shape)
+    return both[0], both[1]
+
+
+class _DirectionGram:
+    """Float64 copies of the last two directions of a run and their dot products, reused across steps.
+
+    Each step converts only its own ``g`` into one of two slots of a ``(B, 2, n)`` buffer; one batched product with
+    the buffer gives ``<g, g>`` and ``<g, g_prev>``, and ``<g_prev, g_prev>`` is the previous step's ``<g, g>``. That
+    is one float64 pass per step, against four converted reductions (with fresh float64 temporaries) for the
+    elementwise formula. On the CPU the per-sample algebra runs on Python floats and its result is written into a
+    reused coefficient tensor through a NumPy view, so the bookkeeping costs a handful of torch calls: on small
+    latents every torch call costs about as much as the arithmetic.
+    """
+
+    def __init__(self, like: torch.Tensor) -> None:
+        batch = like.shape[0]
+        self.shape, self.device, self.dtype = like.shape, like.device, like.dtype
+        buffer = torch.empty(
+            (batch, 2, like.numel() // batch), dtype=_accumulate_dtype(like.device), device=like.device
+        )
+        self.buffer, self.transposed = buffer, buffer.transpose(1, 2)
+        self.slots = (buffer[:, 0].view(like.shape), buffer[:, 1].view(like.shape))
+        self.rows = (buffer[:, 0:1], buffer[:, 1:2])
+        self.slot: int | None = None  # the slot that holds g_prev, once a step has filled it
+        self.norm: Any = None  # <g_prev, g_prev>: a list of floats on the host path, else a tensor
+        self.coefficient_shape = (batch,) + (1,) * (like.ndim - 1)
+        self.host = like.device.type == "cpu" and like.dtype in (torch.float32, torch.float64)
+        if self.host:
+            self.coefficients = torch.empty((2,) + self.coefficient_shape, dtype=like.dtype)
+            self.coefficient_views = (self.coefficients[0], self.coefficients[1])
+            self.coefficients_host = self.coefficients.numpy().reshape(2, batch)
+
+    def matches(self, like: torch.Tensor) -> bool:
+        return like.shape == self.shape and like.device == self.device and like.dtype == self.dtype
+
+    def coefficients_for(
+        self, g: torch.Tensor, g_prev: torch.Tensor, lm_lambda: float, lm_kappa: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A - 1, B)`` of :func:`_lm_coefficients` for ``g``, broadcasting over it; records ``g`` as the next
+        step's ``g_prev``. The host tensors are overwritten by the next call: use them before then."""
+        host = self.host and not (g.requires_grad or g_prev.requires_grad)  # keep autograd graphs on the device path
+        previous = self.slot
+        slot = 1 if previous == 0 else 0
+        other = 1 - slot
+        self.slots[slot].copy_(g)
+        if previous is None or (host and not isinstance(self.norm, list)):
+            # g_prev not converted yet: the second step of a run, after frozen steps, or a switch of path
+            self.slots[other].copy_(g_prev)
+            gram = torch.bmm(self.buffer, self.transposed)  # (B, 2, 2)
+            if host:
+                rows = gram.tolist()
+                gg, gp, pp = (
+                    [r[slot][slot] for r in rows],
+                    [r[slot][other] for r in rows],
+                    [r[other][other] for r in rows],
+                )
+            else:
+                gg, gp, pp = gram[:, slot, slot], gram[:, slot, other], gram[:, other, other]
+        else:
+            gram = torch.bmm(self.rows[slot], self.transposed)  # (B, 1, 2): <g, slot 0>, <g, slot 1>
+            if host:
+                rows = gram.tolist()
+                gg, gp = [r[0][slot] for r in rows], [r[0][other] for r in rows]
+            else:
+                gg, gp = gram[:, 0, slot], gram[:, 0, other]
+            pp = self.norm
+        self.slot, self.norm = slot, gg
+        if host:
+            a_minus_1, b = self.coefficients_host
+            for i, (x, y, z) in enumerate(zip(gg, gp, pp)):
+                a_minus_1[i], b[i] = _lm_coefficients(x, y, z, lm_lambda, lm_kappa)
+            return self.coefficient_views
+        if isinstance(pp, list):  # the previous step took the host path
+            pp = torch.tensor(pp, dtype=gg.dtype, device=gg.device)
+        a_minus_1, b = _lm_coefficients(gg, gp, pp, lm_lambda, lm_kappa)
+        return a_minus_1.to(g.dtype).view(self.coefficient_shape), b.to(g.dtype).view(self.coefficient_shape)
 
 
 class LMLScheduler(WrappedScheduler):
@@ -234,6 +380,13 @@ class LMLScheduler(WrappedScheduler):
 
     def _reset_state(self) -> None:
         self._g_prev: torch.Tensor | None = None
+        self._lm_parameters = (float(self.config.lm_lambda), float(self.config.lm_kappa))
+        # reused buffers (see `_DirectionGram` and `_scratch`), kept across runs of one latent shape
+        if "_gram" not in self.__dict__:
+            self._gram: _DirectionGram | None = None
+            self._scratch_buffers: tuple[torch.Tensor, ...] | None = None
+        elif self._gram is not None:
+            self._gram.slot = None
         self._apply_at: list[bool] | None = None
         if self._timesteps_cpu is not None:
             # official DDIM freeze rule t < 1000 (1 - freeze), with the schedule's own length and "<=" so that a flow
@@ -243,7 +396,8 @@ class LMLScheduler(WrappedScheduler):
 
     @property
     def previous_direction(self) -> torch.Tensor | None:
-        """The uncorrected direction ``g`` of the last step (``g_prev`` of the next one)."""
+        """The uncorrected direction ``g`` of the last step (``g_prev`` of the next one). With the increment
+        placement it lives in a buffer that the step after next overwrites: clone it to keep it."""
         return self._g_prev
 
     def _increment_coefficient(self, index: int) -> float:
@@ -272,15 +426,23 @@ class LMLScheduler(WrappedScheduler):
         # the base solver runs in at least float32 while LML is on; the result is cast back to the output dtype
         work = model_output.to(torch.promote_types(model_output.dtype, torch.float32))
         g_prev = self._g_prev
-
-        def correct(g: torch.Tensor) -> torch.Tensor:
-            return lm_correct(g, g_prev, config.lm_lambda, config.lm_kappa, config.formula) if apply else g
+        stable = config.formula == "stable"
 
         placement = self.lm_placement
         if placement == "velocity":
             # FlowMatch-Euler: x_next = x + (sigma_next - sigma) * LM(v)  (stochastic: x0 = x - sigma * LM(v))
+            coefficients = self._coefficients(work, g_prev) if apply and stable else None
+            if coefficients is not None:  # LM(v) = v + (A - 1) v + B (v_prev - v)
+                a_minus_1, b = coefficients
+                delta = torch.sub(g_prev, work, out=self._scratch(work)[2])
+                corrected = torch.addcmul(work, work, a_minus_1).addcmul_(delta, b)
+            elif apply and not stable:
+                corrected = lm_correct(work, g_prev, config.lm_lambda, config.lm_kappa, config.formula)
+            else:
+                self._drop_gram()
+                corrected = work
             self._g_prev = work
-            result = self._call_base(correct(work), timestep, sample, step_kwargs)
+            result = self._call_base(corrected, timestep, sample, step_kwargs)
             result.prev_sample = result.prev_sample.to(out_dtype)
             return result
 
@@ -297,15 +459,57 @@ class LMLScheduler(WrappedScheduler):
                 g = (x - alpha * result.pred_original_sample.to(work.dtype)) / sigma
             else:
                 g = _epsilon(work, x, alpha, sigma, self.prediction_type)
-            coefficient = math.sqrt(max(sigma_next**2 - self._ddim_noise_std(index, eta) ** 2, 0.0))
-            new = prev + coefficient * (correct(g) - g)
+            weight = math.sqrt(max(sigma_next**2 - self._ddim_noise_std(index, eta) ** 2, 0.0))
         else:
             c = self._increment_coefficient(index)
-            g = prev - c * x  # the whole multistep increment (official DPM-Solver LM files)
-            new = c * x + correct(g)
+            # the whole multistep increment (official DPM-Solver LM files), into the ring slot g_prev is not in
+            ring = self._scratch(prev)
+            g = torch.sub(prev, x, alpha=c, out=ring[1] if g_prev is ring[0] else ring[0])
+            weight = 1.0  # x_next = c x + LM(g) = prev + (LM(g) - g)
+        coefficients = self._coefficients(g, g_prev) if apply and stable else None
+        if coefficients is None:
+            self._drop_gram()
+        if coefficients is not None:
+            # prev + weight * (LM(g) - g) = prev + weight (A - 1) g + weight B delta: two fused passes, in place on
+            # the base's fresh result (it keeps no reference to it) unless that is one of the inputs
+            a_minus_1, b = coefficients
+            delta = torch.sub(g_prev, g, out=self._scratch(g)[2])
+            if prev is sample or prev is work or prev is model_output:
+                prev = prev.clone()
+            new = prev.addcmul_(g, a_minus_1, value=weight).addcmul_(delta, b, value=weight)
+        elif apply and not stable:
+            new = prev + weight * (lm_correct(g, g_prev, config.lm_lambda, config.lm_kappa, config.formula) - g)
+        else:
+            new = prev  # LM(g) = g: the base step itself
         self._g_prev = g
         result.prev_sample = new.to(out_dtype)
         return result
+
+    def _scratch(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Three reused tensors shaped like ``like``: two alternating slots for the increment ``g`` and one for
+        ``g_prev - g``. On large latents a fresh allocation per step costs page faults comparable to the arithmetic.
+        """
+        buffers = self._scratch_buffers
+        stale = buffers is None or buffers[0].shape != like.shape or buffers[0].dtype != like.dtype
+        if stale or buffers[0].device != like.device:
+            buffers = self._scratch_buffers = tuple(torch.empty_like(like) for _ in range(3))
+        return buffers
+
+    def _drop_gram(self) -> None:
+        """A step that did not record its ``g`` in float64: the next one converts its ``g_prev`` afresh."""
+        if self._gram is not None:
+            self._gram.slot = None
+
+    def _coefficients(self, g: torch.Tensor, g_prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(A - 1, B)`` of :func:`_lm_coefficients` for this step's ``g`` (see :class:`_DirectionGram`), shaped to
+        broadcast over ``g`` and in its dtype; ``None`` on the first step (``LM(g) = g``)."""
+        gram = self._gram
+        if g_prev is None:
+            self._drop_gram()
+            return None
+        if gram is None or not gram.matches(g):
+            gram = self._gram = _DirectionGram(g)
+        return gram.coefficients_for(g, g_prev, *self._lm_parameters)
 
 
 def _epsilon(output: torch.Tensor, x: torch.Tensor, alpha: float, sigma: float, prediction_type: str) -> torch.Tensor:
