@@ -548,4 +548,4 @@ class WrappedScheduler(SchedulerMixin, ConfigMixin):
         step_kwargs: dict[str, Any],
     ) -> BaseOutput:
         """The method: return the wrapped solver's output for step ``index``, with ``prev_sample`` changed."""
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: DualFastScheduler and LMLScheduler implement it
