@@ -152,7 +152,9 @@ def test_tensor_path_of_the_coefficients_matches_the_host_path(model, x_T, monke
         return outputs
 
     for device_path, host_path in zip(run(False), run(True)):
-        torch.testing.assert_close(device_path, host_path, rtol=1e-12, atol=1e-12)
+        # float32: the host path forms (A - 1) g + B delta through lerp, a different rounding of the same sum
+        tol = 1e-12 if host_path.dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(device_path, host_path, rtol=tol, atol=tol * float(host_path.abs().max()))
 
 
 # -- the scheduler ---------------------------------------------------------------------------------------------

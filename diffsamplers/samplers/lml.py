@@ -170,18 +170,21 @@ class _DirectionGram:
         self.coefficient_shape = (batch,) + (1,) * (like.ndim - 1)
         self.host = like.device.type == "cpu" and like.dtype in (torch.float32, torch.float64)
         if self.host:
-            self.coefficients = torch.empty((2,) + self.coefficient_shape, dtype=like.dtype)
-            self.coefficient_views = (self.coefficients[0], self.coefficients[1])
-            self.coefficients_host = self.coefficients.numpy().reshape(2, batch)
+            self.coefficients = torch.empty((3,) + self.coefficient_shape, dtype=like.dtype)
+            self.coefficient_views = tuple(self.coefficients.unbind(0))
+            self.coefficients_host = self.coefficients.numpy().reshape(3, batch)
 
     def matches(self, like: torch.Tensor) -> bool:
         return like.shape == self.shape and like.device == self.device and like.dtype == self.dtype
 
     def coefficients_for(
         self, g: torch.Tensor, g_prev: torch.Tensor, lm_lambda: float, lm_kappa: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A - 1, B)`` of :func:`_lm_coefficients` for ``g``, broadcasting over it; records ``g`` as the next
-        step's ``g_prev``. The host tensors are overwritten by the next call: use them before then."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(A - 1, B, w)`` for ``g``, broadcasting over it (see :func:`_lm_coefficients`); records ``g`` as the
+        next step's ``g_prev``. ``w = B / (A - 1)`` where every sample has ``A != 1`` (host path only, else
+        ``None``): then ``(A - 1) g + B delta = (A - 1) lerp(g, g_prev, w)``, one elementwise pass fewer, with the
+        same rounding as forming ``delta`` (``lerp`` takes the difference of its end points itself). The host
+        tensors are overwritten by the next call: use them before then."""
         host = self.host and not (g.requires_grad or g_prev.requires_grad)  # keep autograd graphs on the device path
         previous = self.slot
         slot = 1 if previous == 0 else 0
@@ -210,14 +213,19 @@ class _DirectionGram:
             pp = self.norm
         self.slot, self.norm = slot, gg
         if host:
-            a_minus_1, b = self.coefficients_host
+            a_minus_1, b, w = self.coefficients_host
+            lerp = True
             for i, (x, y, z) in enumerate(zip(gg, gp, pp)):
-                a_minus_1[i], b[i] = _lm_coefficients(x, y, z, lm_lambda, lm_kappa)
-            return self.coefficient_views
+                a_minus_1[i], b[i] = alpha, beta = _lm_coefficients(x, y, z, lm_lambda, lm_kappa)
+                # w overflows float32 only if A - 1 is 1e-38 of B: then take the delta form
+                lerp = lerp and abs(beta) < 1e30 * abs(alpha)
+                w[i] = beta / alpha if lerp else 0.0
+            alpha_view, beta_view, w_view = self.coefficient_views
+            return alpha_view, beta_view, w_view if lerp else None
         if isinstance(pp, list):  # the previous step took the host path
             pp = torch.tensor(pp, dtype=gg.dtype, device=gg.device)
         a_minus_1, b = _lm_coefficients(gg, gp, pp, lm_lambda, lm_kappa)
-        return a_minus_1.to(g.dtype).view(self.coefficient_shape), b.to(g.dtype).view(self.coefficient_shape)
+        return a_minus_1.to(g.dtype).view(self.coefficient_shape), b.to(g.dtype).view(self.coefficient_shape), None
 
 
 class LMLScheduler(WrappedScheduler):
@@ -381,10 +389,11 @@ class LMLScheduler(WrappedScheduler):
     def _reset_state(self) -> None:
         self._g_prev: torch.Tensor | None = None
         self._lm_parameters = (float(self.config.lm_lambda), float(self.config.lm_kappa))
-        # reused buffers (see `_DirectionGram` and `_scratch`), kept across runs of one latent shape
+        # reused buffers (see `_DirectionGram`, `_ring` and `_spare`), kept across runs of one latent shape
         if "_gram" not in self.__dict__:
             self._gram: _DirectionGram | None = None
-            self._scratch_buffers: tuple[torch.Tensor, ...] | None = None
+            self._ring_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+            self._spare_buffer: torch.Tensor | None = None
         elif self._gram is not None:
             self._gram.slot = None
         self._apply_at: list[bool] | None = None
@@ -432,15 +441,13 @@ class LMLScheduler(WrappedScheduler):
         if placement == "velocity":
             # FlowMatch-Euler: x_next = x + (sigma_next - sigma) * LM(v)  (stochastic: x0 = x - sigma * LM(v))
             coefficients = self._coefficients(work, g_prev) if apply and stable else None
-            if coefficients is not None:  # LM(v) = v + (A - 1) v + B (v_prev - v)
-                a_minus_1, b = coefficients
-                delta = torch.sub(g_prev, work, out=self._scratch(work)[2])
-                corrected = torch.addcmul(work, work, a_minus_1).addcmul_(delta, b)
-            elif apply and not stable:
-                corrected = lm_correct(work, g_prev, config.lm_lambda, config.lm_kappa, config.formula)
+            if coefficients is not None:  # LM(v) = v + (A - 1) v + B (v_prev - v), a fresh tensor
+                corrected = self._add_correction(None, work, g_prev, coefficients, 1.0)
             else:
                 self._drop_gram()
                 corrected = work
+                if apply and not stable:
+                    corrected = lm_correct(work, g_prev, config.lm_lambda, config.lm_kappa, config.formula)
             self._g_prev = work
             result = self._call_base(corrected, timestep, sample, step_kwargs)
             result.prev_sample = result.prev_sample.to(out_dtype)
@@ -463,46 +470,78 @@ class LMLScheduler(WrappedScheduler):
         else:
             c = self._increment_coefficient(index)
             # the whole multistep increment (official DPM-Solver LM files), into the ring slot g_prev is not in
-            ring = self._scratch(prev)
+            ring = self._ring(prev)
             g = torch.sub(prev, x, alpha=c, out=ring[1] if g_prev is ring[0] else ring[0])
             weight = 1.0  # x_next = c x + LM(g) = prev + (LM(g) - g)
         coefficients = self._coefficients(g, g_prev) if apply and stable else None
-        if coefficients is None:
-            self._drop_gram()
         if coefficients is not None:
-            # prev + weight * (LM(g) - g) = prev + weight (A - 1) g + weight B delta: two fused passes, in place on
-            # the base's fresh result (it keeps no reference to it) unless that is one of the inputs
-            a_minus_1, b = coefficients
-            delta = torch.sub(g_prev, g, out=self._scratch(g)[2])
+            # prev + weight * (LM(g) - g), in place on the base's fresh result (it keeps no reference to it) unless
+            # that is one of the inputs
             if prev is sample or prev is work or prev is model_output:
                 prev = prev.clone()
-            new = prev.addcmul_(g, a_minus_1, value=weight).addcmul_(delta, b, value=weight)
-        elif apply and not stable:
-            new = prev + weight * (lm_correct(g, g_prev, config.lm_lambda, config.lm_kappa, config.formula) - g)
+            new = self._add_correction(prev, g, g_prev, coefficients, weight)
         else:
+            self._drop_gram()
             new = prev  # LM(g) = g: the base step itself
+            if apply and not stable:
+                new = prev + weight * (lm_correct(g, g_prev, config.lm_lambda, config.lm_kappa, config.formula) - g)
         self._g_prev = g
         result.prev_sample = new.to(out_dtype)
         return result
 
-    def _scratch(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Three reused tensors shaped like ``like``: two alternating slots for the increment ``g`` and one for
-        ``g_prev - g``. On large latents a fresh allocation per step costs page faults comparable to the arithmetic.
-        """
-        buffers = self._scratch_buffers
-        stale = buffers is None or buffers[0].shape != like.shape or buffers[0].dtype != like.dtype
-        if stale or buffers[0].device != like.device:
-            buffers = self._scratch_buffers = tuple(torch.empty_like(like) for _ in range(3))
-        return buffers
+    def _add_correction(
+        self,
+        target: torch.Tensor | None,
+        g: torch.Tensor,
+        g_prev: torch.Tensor,
+        coefficients: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+        weight: float,
+    ) -> torch.Tensor:
+        """``target += weight * (LM(g) - g) = weight * ((A - 1) g + B (g_prev - g))`` in place; ``target=None``:
+        a fresh ``g + weight * (LM(g) - g)``."""
+        a_minus_1, b, w = coefficients
+        ring = self._ring_buffers
+        # g_prev in our own ring is dead once combined (its float64 copy is taken): the difference overwrites it,
+        # which spares a third latent-sized buffer, and so cache, on large latents
+        out = g_prev if ring is not None and (g_prev is ring[0] or g_prev is ring[1]) else self._spare(g)
+        if w is not None:  # (A - 1) lerp(g, g_prev, B / (A - 1)): two passes
+            mixed = torch.lerp(g, g_prev, w, out=out)
+            if target is None:
+                return torch.addcmul(g, mixed, a_minus_1, value=weight)
+            return target.addcmul_(mixed, a_minus_1, value=weight)
+        delta = torch.sub(g_prev, g, out=out)  # three passes
+        target = (
+            torch.addcmul(g, g, a_minus_1, value=weight)
+            if target is None
+            else target.addcmul_(g, a_minus_1, value=weight)
+        )
+        return target.addcmul_(delta, b, value=weight)
+
+    def _ring(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two reused tensors shaped like ``like`` in which the increment ``g`` and ``g_prev`` alternate. On large
+        latents a fresh allocation per step costs page faults comparable to the arithmetic."""
+        ring = self._ring_buffers
+        if ring is None or ring[0].shape != like.shape or ring[0].dtype != like.dtype or ring[0].device != like.device:
+            ring = self._ring_buffers = (torch.empty_like(like), torch.empty_like(like))
+        return ring
+
+    def _spare(self, like: torch.Tensor) -> torch.Tensor:
+        """A reused tensor shaped like ``like`` for ``g_prev - g`` when ``g_prev`` is not ours to overwrite."""
+        spare = self._spare_buffer
+        if spare is None or spare.shape != like.shape or spare.dtype != like.dtype or spare.device != like.device:
+            spare = self._spare_buffer = torch.empty_like(like)
+        return spare
 
     def _drop_gram(self) -> None:
         """A step that did not record its ``g`` in float64: the next one converts its ``g_prev`` afresh."""
         if self._gram is not None:
             self._gram.slot = None
 
-    def _coefficients(self, g: torch.Tensor, g_prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(A - 1, B)`` of :func:`_lm_coefficients` for this step's ``g`` (see :class:`_DirectionGram`), shaped to
-        broadcast over ``g`` and in its dtype; ``None`` on the first step (``LM(g) = g``)."""
+    def _coefficients(
+        self, g: torch.Tensor, g_prev: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """``(A - 1, B, w)`` of :meth:`_DirectionGram.coefficients_for` for this step's ``g``, shaped to broadcast
+        over ``g`` and in its dtype; ``None`` on the first step (``LM(g) = g``)."""
         gram = self._gram
         if g_prev is None:
             self._drop_gram()
