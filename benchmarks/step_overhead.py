@@ -6,6 +6,7 @@ Prints ratios measured in one run (target: <= 1.5x the DPMSolverMultistep step).
 over repeats of the mean per-step time is reported.
 
     python benchmarks/step_overhead.py [--device cpu|cuda] [--dtype float32|float16] [--repeats 5] [--threads N]
+        [--clock wall|cpu]
 """
 
 from __future__ import annotations
@@ -42,22 +43,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# "cpu" counts this process's CPU time only: with --threads 1 on a machine shared with other jobs it is not inflated
+# by the time slices the process waits for (wall time is what matters on an accelerator)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def time_run(build: Callable[[dict], Any], sample0: torch.Tensor, output: torch.Tensor, device: torch.device,
-             steps: int = 50) -> float:
+             steps: int = 50, clock: str = "wall") -> float:
     """Mean seconds per ``step()`` call over one full run of a freshly built scheduler."""
+    now = CLOCKS[clock]
     scheduler = build(SD_CONFIG)
     scheduler.set_timesteps(steps, device=device)
     sample = sample0
     _sync(device)
-    start = time.perf_counter()
+    start = now()
     for t in scheduler.timesteps:
         sample = scheduler.step(output, t, sample).prev_sample
     _sync(device)
-    return (time.perf_counter() - start) / steps
+    return (now() - start) / steps
 
 
 def time_steps(builds: dict[str, Callable[[dict], Any]], shape: tuple, device: torch.device, dtype: torch.dtype,
-               steps: int = 50, repeats: int = 5) -> dict[str, float]:
+               steps: int = 50, repeats: int = 5, clock: str = "wall") -> dict[str, float]:
     """Median over ``repeats`` runs of the mean seconds per ``step()`` call, per scheduler.
 
     The schedulers take turns within each repeat, so a burst of load from other processes on a shared machine
@@ -69,18 +76,19 @@ def time_steps(builds: dict[str, Callable[[dict], Any]], shape: tuple, device: t
     times: dict[str, list[float]] = {name: [] for name in builds}
     for rep in range(repeats + 1):  # the first round warms up caches and kernels
         for name, build in builds.items():
-            seconds = time_run(build, sample0, output, device, steps)
+            seconds = time_run(build, sample0, output, device, steps, clock)
             if rep:
                 times[name].append(seconds)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
 def run(device: str = "cpu", dtype: str = "float32", repeats: int = 5,
-        shapes: tuple = ((2, 4, 64, 64), (8, 4, 64, 64), (2, 4, 128, 128), (8, 4, 128, 128))) -> list[dict]:
+        shapes: tuple = ((2, 4, 64, 64), (8, 4, 64, 64), (2, 4, 128, 128), (8, 4, 128, 128)),
+        clock: str = "wall") -> list[dict]:
     dev, dt = torch.device(device), getattr(torch, dtype)
     rows = []
     for shape in shapes:
-        timings = time_steps(candidates(), shape, dev, dt, repeats=repeats)
+        timings = time_steps(candidates(), shape, dev, dt, repeats=repeats, clock=clock)
         base = timings["dpmsolver++2M (diffusers)"]
         for name, seconds in timings.items():
             rows.append(dict(shape="x".join(map(str, shape)), scheduler=name, ms_per_step=seconds * 1e3,
@@ -95,13 +103,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's own); 1 gives steadier numbers on a shared machine")
+    parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
+                        help="wall time, or this process's CPU time (steadier with --threads 1 on a shared machine)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    rows = run(args.device, args.dtype, args.repeats)
+    rows = run(args.device, args.dtype, args.repeats, clock=args.clock)
     print(f"step() time vs diffusers DPMSolverMultistep, device={args.device}, dtype={args.dtype}, "
-          f"threads={torch.get_num_threads()}")
+          f"threads={torch.get_num_threads()}, clock={args.clock}")
     print(f"{'latent':>14}  {'scheduler':<26} {'ms/step':>9} {'ratio':>7}")
     for r in rows:
         flag = "" if r["ratio_vs_dpmsolver"] <= 1.5 else "  (> 1.5x target)"
