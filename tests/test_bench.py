@@ -51,3 +51,11 @@ def test_bench_on_a_pipeline_folder_with_prompts(tmp_path):
     records = json.loads((out / "results.json").read_text())
     assert [r["sampler"] for r in records] == ["ddim", "bdia"]
     assert all(r["nfe"] == 3 and r["psnr_vs_gt"] > 0 for r in records)
+
+
+def test_teleport_budgets_skip_at_least_one_step():
+    from diffsamplers.eval.samplers import _teleport_steps
+
+    for nfe in (4, 6, 8, 10, 20):
+        steps = _teleport_steps(nfe)
+        assert steps > nfe and steps - int(0.2 * steps) == nfe

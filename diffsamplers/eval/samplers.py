@@ -12,12 +12,12 @@ TELEPORT_SKIP = 0.2
 
 
 def _teleport_steps(nfe: int, skip_fraction: float = TELEPORT_SKIP) -> int:
-    """The grid size whose un-skipped part makes exactly ``nfe`` model calls (TeleportScheduler skips
-    ``floor(skip_fraction * N)`` grid points)."""
-    steps = nfe
-    while steps - int(skip_fraction * steps) < nfe:
-        steps += 1
-    return steps
+    """The smallest grid, with at least one step skipped, whose un-skipped part makes exactly ``nfe`` model calls
+    (TeleportScheduler skips ``floor(skip_fraction * N)`` of ``N`` grid points); ``nfe`` itself if none exists."""
+    for steps in range(nfe + 1, 2 * nfe + 6):
+        if steps - int(skip_fraction * steps) == nfe:
+            return steps
+    return nfe
 
 
 def sampler_registry(stats: GaussianStats | None = None) -> dict[str, SamplerSpec]:
