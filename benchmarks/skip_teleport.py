@@ -42,6 +42,7 @@ from diffsamplers.eval.bench import _bench_config, _features, digits_bench_model
 from diffsamplers.eval.fid import fid_from_stats
 from diffsamplers.eval.metrics import psnr, rmse
 from diffsamplers.eval.samplers import TELEPORT_SKIP, _teleport_steps, digits_stats, sampler_registry
+from diffsamplers.eval.testbed import AdaptiveHolder
 from diffsamplers.pipelines.adaptive import enable_adaptive_diffusion
 
 STEPS = 50  # AdaptiveDiffusion: the full run and its reference
@@ -58,16 +59,6 @@ TARGET_PSNR = 30.0
 TELEPORT_BASES = ("dpmpp2m", "unipc")
 SAME_GRID = (5, 10, 15, 20, 25)  # (a): floor(0.2 N) = 0.2 N exactly
 BUDGETS = (4, 6, 8, 10, 15, 20)  # (b)
-
-
-class _Pipe:
-    """What :func:`enable_adaptive_diffusion` patches: a ``unet`` and a ``scheduler``. The bench's own loop
-    (``sample_with``) then drives them, so noise, spacing and model calls are exactly the bench's. (The bundled
-    ``DDPMPipeline`` would do for DDIM and DPM-Solver, but it passes ``generator=`` to ``scheduler.step``, which
-    UniPC does not take.)"""
-
-    def __init__(self, unet: torch.nn.Module, scheduler: Any):
-        self.unet, self.scheduler = unet, scheduler
 
 
 def _psnr_stats(images: torch.Tensor, reference: torch.Tensor) -> dict:
@@ -108,7 +99,7 @@ def adaptive_part(model: Any, registry: dict, config: dict, seeds: list[int], lo
         for cap in CAPS:
             for delta in DELTAS if cap == CAPS[0] else CAP2_DELTAS:
                 scheduler = build(config)
-                with enable_adaptive_diffusion(_Pipe(model.denoiser, scheduler), delta=delta, max_skips=cap,
+                with enable_adaptive_diffusion(AdaptiveHolder(model.denoiser, scheduler), delta=delta, max_skips=cap,
                                                decision="per_sample") as handle:
                     latents, _ = sample_with(model, scheduler, seeds, STEPS, batch_size=len(seeds))
                     per_image = torch.tensor(handle.sample_nfe, dtype=torch.float64)

@@ -59,3 +59,21 @@ def test_teleport_budgets_skip_at_least_one_step():
     for nfe in (4, 6, 8, 10, 20):
         steps = _teleport_steps(nfe)
         assert steps > nfe and steps - int(0.2 * steps) == nfe
+
+
+def test_adaptive_entries_report_the_calls_they_make():
+    from diffsamplers.eval.samplers import sampler_registry
+    from diffsamplers.eval.testbed import SamplerSpec, exact_testbed_errors
+
+    registry = sampler_registry()
+    off = SamplerSpec("off", registry["dpmpp2m"].build, lambda nfe: 2 * nfe, adaptive=dict(delta=0.0))
+    plain = SamplerSpec("plain", registry["dpmpp2m"].build, lambda nfe: 2 * nfe)
+    records = exact_testbed_errors(
+        {"dpmpp2m+adaptive": registry["dpmpp2m+adaptive"], "off": off, "plain": plain}, [10], num_samples=8
+    )
+    by = {r["sampler"]: r for r in records}
+    # delta = 0 never skips: the same samples and all 20 calls; delta = 0.05 skips some of its 20 steps
+    assert by["off"]["nfe"] == by["plain"]["nfe"] == 20
+    assert by["off"]["rmse_vs_gt"] == by["plain"]["rmse_vs_gt"]
+    assert 8 <= by["dpmpp2m+adaptive"]["nfe"] < 20
+    assert by["dpmpp2m+adaptive"]["rmse_vs_gt"] < 0.2

@@ -67,20 +67,24 @@ def _bench_config(config: dict) -> dict:
 
 
 def sample_with(
-    model: BenchModel, scheduler: Any, seeds: list[int], steps: int, batch_size: int = 256
-) -> tuple[torch.Tensor, int]:
-    """Run ``scheduler`` for ``steps`` from the seeds' noise; returns final latents (CPU) and model calls per batch."""
+    model: BenchModel, scheduler: Any, seeds: list[int], steps: int, batch_size: int = 256,
+    adaptive: dict | None = None,
+) -> tuple[torch.Tensor, float]:
+    """Run ``scheduler`` for ``steps`` from the seeds' noise; returns final latents (CPU) and model calls per batch
+    (the mean over batches: with ``adaptive`` each batch may make a different number)."""
     from .testbed import run_scheduler
 
-    outs, calls = [], 0
+    outs, calls = [], []
     for i in range(0, len(seeds), batch_size):
         chunk = seeds[i : i + batch_size]
         x_T = initial_noise(chunk, model.sample_shape, model.device)
         kwargs = model.call_kwargs(chunk) if model.call_kwargs else {}
         with torch.no_grad():
-            out, calls = run_scheduler(scheduler, model.denoiser, x_T, steps, **kwargs)
+            out, n = run_scheduler(scheduler, model.denoiser, x_T, steps, adaptive=adaptive, **kwargs)
         outs.append(out.float().cpu())
-    return torch.cat(outs), calls
+        calls.append(n)
+    mean = sum(calls) / len(calls)
+    return torch.cat(outs), int(mean) if mean == int(mean) else round(mean, 2)
 
 
 def ground_truth(model: BenchModel, seeds: list[int], out_dir: str, steps: int = GT_STEPS) -> torch.Tensor:
@@ -133,7 +137,7 @@ def bench_model(
         scheduler = spec.build(config)
         steps = spec.steps_for_nfe(nfe)
         start = time.perf_counter()
-        latents, calls = sample_with(model, scheduler, seeds, steps)
+        latents, calls = sample_with(model, scheduler, seeds, steps, adaptive=spec.adaptive)
         seconds = time.perf_counter() - start
         images = model.decode(latents)
         stats = _features(images, feature_net, model.device)

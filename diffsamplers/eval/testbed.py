@@ -37,12 +37,15 @@ class SamplerSpec:
         build (`Callable[[dict], scheduler]`): makes a fresh scheduler from the testbed config.
         steps_for_nfe (`Callable[[int], int]`): number of inference steps for a model-call budget.
         default (`bool`): part of the default ``diffsamplers bench`` run (variants are run on request).
+        adaptive (`dict`, *optional*): run with :func:`~diffsamplers.enable_adaptive_diffusion` and these arguments;
+            the model calls it actually makes are reported as the NFE.
     """
 
     name: str
     build: Callable[[dict], Any]
     steps_for_nfe: Callable[[int], int] = lambda nfe: nfe
     default: bool = True
+    adaptive: dict | None = None
 
 
 def diffusers_baselines() -> dict[str, SamplerSpec]:
@@ -72,10 +75,31 @@ def diffusers_baselines() -> dict[str, SamplerSpec]:
     }
 
 
+class AdaptiveHolder:
+    """What :func:`~diffsamplers.enable_adaptive_diffusion` patches, a ``unet`` and a ``scheduler``, for loops that
+    drive a bare model instead of a pipeline (the bench's own loop keeps its noise, spacing and call counting)."""
+
+    def __init__(self, unet: Any, scheduler: Any):
+        self.unet, self.scheduler = unet, scheduler
+
+
 def run_scheduler(
-    scheduler: Any, model: Any, x_T: torch.Tensor, num_inference_steps: int, **call_kwargs: Any
+    scheduler: Any,
+    model: Any,
+    x_T: torch.Tensor,
+    num_inference_steps: int,
+    adaptive: dict | None = None,
+    **call_kwargs: Any,
 ) -> tuple[torch.Tensor, int]:
-    """A plain diffusers sampling loop; returns the final sample and the number of model calls."""
+    """A plain diffusers sampling loop; returns the final sample and the number of model calls. With ``adaptive``
+    (arguments of :func:`~diffsamplers.enable_adaptive_diffusion`) the model output is reused where the
+    AdaptiveDiffusion criterion allows, and the calls it really made are returned."""
+    if adaptive is not None:
+        from ..pipelines.adaptive import enable_adaptive_diffusion
+
+        with enable_adaptive_diffusion(AdaptiveHolder(model, scheduler), **adaptive) as handle:
+            sample, _ = run_scheduler(scheduler, model, x_T, num_inference_steps, **call_kwargs)
+            return sample, handle.nfe
     scheduler.set_timesteps(num_inference_steps)
     sample = x_T * scheduler.init_noise_sigma
     calls = 0
@@ -123,7 +147,7 @@ def exact_testbed_errors(
         scheduler = spec.build(config)
         steps = spec.steps_for_nfe(nfe)
         start = time.perf_counter()
-        sample, calls = run_scheduler(scheduler, model, x_T, steps)
+        sample, calls = run_scheduler(scheduler, model, x_T, steps, adaptive=spec.adaptive)
         seconds = time.perf_counter() - start
         t0 = first_level_timestep(scheduler, steps)
         if t0 not in references:
