@@ -26,7 +26,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
 from ..schedule import ddim_step, prediction_coefficients
-from .base import DiffSamplersScheduler, DiffSamplersSchedulerOutput
+from .base import COMMON_CONFIG_DOC, DiffSamplersScheduler, DiffSamplersSchedulerOutput
 
 
 @dataclass
@@ -43,7 +43,8 @@ class BDIAInverseOutput(BaseOutput):
 
 
 class BDIAScheduler(DiffSamplersScheduler):
-    """BDIA-DDIM (Zhang, Lewis & Kleijn, ECCV 2024): DDIM made exactly invertible at no extra model calls.
+    __doc__ = (
+        """BDIA-DDIM (Zhang, Lewis & Kleijn, ECCV 2024): DDIM made exactly invertible at no extra model calls.
 
     Each step makes one model evaluation at ``z_i`` and forms two DDIM transports from it: forward to the next
     level and backward to the previous one. The previous slot's integral is re-estimated as a ``gamma`` mix of the
@@ -75,33 +76,9 @@ class BDIAScheduler(DiffSamplersScheduler):
     Args:
         gamma (`float`, defaults to 1.0): weight of the backward correction, in ``[0, 1]``. 0 is DDIM; the official
             recommendations are 0.5 for 10-step and 1.0 for 40-step text-to-image sampling, and ``[0.92, 1.0]`` for
-            round-trip editing.
-        num_train_timesteps (`int`, defaults to 1000): number of training timesteps.
-        beta_start (`float`, defaults to 0.0001): first beta of a VP schedule.
-        beta_end (`float`, defaults to 0.02): last beta of a VP schedule.
-        beta_schedule (`str`, defaults to `"linear"`): `"linear"`, `"scaled_linear"` or `"squaredcos_cap_v2"`.
-        trained_betas (`np.ndarray` or `list[float]`, *optional*): explicit betas.
-        prediction_type (`str`, defaults to `"epsilon"`): what the model predicts: `"epsilon"`, `"sample"`,
-            `"v_prediction"` or `"flow_prediction"` (a velocity; selects the rectified-flow schedule). Set
-            automatically when loading a `FlowMatch*` config.
-        timestep_spacing (`str`, defaults to `"leading"`): `"leading"`, `"trailing"` or `"linspace"`, as in DDIM.
-        steps_offset (`int`, defaults to 0): offset added to `"leading"` timesteps.
-        rescale_betas_zero_snr (`bool`, defaults to `False`): rescale betas to zero terminal SNR.
-        set_alpha_to_one (`bool`, defaults to `True`): whether the level after the last timestep is clean data
-            (otherwise `alphas_cumprod[0]`), as in DDIM.
-        clip_sample (`bool`, defaults to `False`): clip the predicted x0 to `[-clip_sample_range, clip_sample_range]`
-            (pixel-space models only).
-        clip_sample_range (`float`, defaults to 1.0): the clipping range.
-        use_karras_sigmas (`bool`, defaults to `False`): VP only: place the steps on a Karras sigma grid.
-        shift (`float`, defaults to 1.0): flow only: static timestep shift (SD3 uses 3.0).
-        use_dynamic_shifting (`bool`, defaults to `False`): flow only: resolution-dependent shift with `mu`.
-        base_shift (`float`, defaults to 0.5): flow only: read by SD3/Flux pipelines to compute `mu`.
-        max_shift (`float`, defaults to 1.15): flow only: read by SD3/Flux pipelines to compute `mu`.
-        base_image_seq_len (`int`, defaults to 256): flow only: read by SD3/Flux pipelines to compute `mu`.
-        max_image_seq_len (`int`, defaults to 4096): flow only: read by SD3/Flux pipelines to compute `mu`.
-        shift_terminal (`float`, *optional*): flow only: stretch the shifted schedule to end at this sigma.
-        time_shift_type (`str`, defaults to `"exponential"`): flow only: `"exponential"` or `"linear"`.
-    """
+            round-trip editing."""
+        + COMMON_CONFIG_DOC
+    )
 
     order = 1
 
