@@ -35,13 +35,7 @@ GMM_CONFIG = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tiny models are far faster on one thread than on two contended ones.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

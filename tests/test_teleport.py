@@ -59,13 +59,7 @@ def level(model, t):
     return tuple(float(v) for v in model.schedule.alpha_sigma(t))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The matrices here are tiny: thread hand-offs cost more than the maths, worst on shared CPUs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
