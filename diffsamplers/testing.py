@@ -128,6 +128,22 @@ def tiny_stable_diffusion_pipeline(scheduler: Any = None, prediction_type: str =
     return pipe
 
 
+def run_tiny_stable_diffusion(pipe, num_inference_steps: int = 4, guidance_scale: float = 7.5, seed: int = 0):
+    """One 32x32 image from :func:`tiny_stable_diffusion_pipeline` with classifier-free guidance, from random
+    ``prompt_embeds`` (zero negative embeddings) and a seeded generator; returns the numpy image batch."""
+    embeds = torch.randn(1, 77, 16, generator=torch.Generator().manual_seed(seed))
+    return pipe(
+        prompt_embeds=embeds,
+        negative_prompt_embeds=torch.zeros_like(embeds),
+        guidance_scale=guidance_scale,
+        num_inference_steps=num_inference_steps,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(seed),
+    ).images
+
+
 def tiny_flow_pipeline(scheduler: Any = None, shift: float = 3.0):
     """A flow-matching ``StableDiffusion3Pipeline`` with a tiny ``SD3Transformer2DModel`` and VAE and no text
     encoders: call it with ``prompt_embeds`` and ``pooled_prompt_embeds`` (see :func:`tiny_flow_embeddings`)."""

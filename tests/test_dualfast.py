@@ -14,7 +14,7 @@ from diffsamplers.eval.testbed import TESTBED_CONFIG, run_scheduler
 from diffsamplers.models import GaussianMixtureModel
 from diffsamplers.samplers.dualfast import DualFastScheduler
 from diffsamplers.schedule import to_x0_eps
-from diffsamplers.testing import tiny_stable_diffusion_pipeline, tiny_unet_pipeline
+from diffsamplers.testing import run_tiny_stable_diffusion, tiny_stable_diffusion_pipeline, tiny_unet_pipeline
 
 CONFIG = DDIMScheduler(**TESTBED_CONFIG).config
 CLASSES = {c.__name__: c for c in (DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler)}
@@ -246,19 +246,9 @@ def test_ddim_pipeline_end_to_end():
 
 def test_stable_diffusion_pipeline_with_guidance():
     pipe = tiny_stable_diffusion_pipeline()
-    embeds = torch.randn(1, 77, 16, generator=torch.Generator().manual_seed(0))
     for base in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
         pipe.scheduler = DualFastScheduler.from_config(pipe.scheduler.config, base_scheduler=base)
-        image = pipe(
-            prompt_embeds=embeds,
-            negative_prompt_embeds=torch.zeros_like(embeds),
-            guidance_scale=7.5,
-            num_inference_steps=4,
-            height=32,
-            width=32,
-            output_type="np",
-            generator=torch.Generator().manual_seed(0),
-        ).images
+        image = run_tiny_stable_diffusion(pipe)
         assert image.shape == (1, 32, 32, 3) and torch.isfinite(torch.as_tensor(image)).all()
 
 

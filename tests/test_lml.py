@@ -13,6 +13,7 @@ from diffsamplers.eval.testbed import TESTBED_CONFIG, run_scheduler
 from diffsamplers.models import GaussianMixtureModel
 from diffsamplers.samplers.lml import LMLScheduler, lm_correct
 from diffsamplers.testing import (
+    run_tiny_stable_diffusion,
     tiny_flow_embeddings,
     tiny_flow_pipeline,
     tiny_stable_diffusion_pipeline,
@@ -320,17 +321,7 @@ def test_pipelines_end_to_end():
     assert torch.isfinite(torch.as_tensor(image)).all()
     sd = tiny_stable_diffusion_pipeline()
     sd.scheduler = LMLScheduler.from_config(sd.scheduler.config, lm_lambda=5.0, lm_kappa=0.5)
-    embeds = torch.randn(1, 77, 16, generator=torch.Generator().manual_seed(0))
-    image = sd(
-        prompt_embeds=embeds,
-        negative_prompt_embeds=torch.zeros_like(embeds),
-        guidance_scale=7.5,
-        num_inference_steps=4,
-        height=32,
-        width=32,
-        output_type="np",
-        generator=torch.Generator().manual_seed(0),
-    ).images
+    image = run_tiny_stable_diffusion(sd)
     assert image.shape == (1, 32, 32, 3) and torch.isfinite(torch.as_tensor(image)).all()
     flow = tiny_flow_pipeline()
     flow.scheduler = LMLScheduler.from_config(flow.scheduler.config, lm_lambda=0.01, lm_kappa=0.5)
