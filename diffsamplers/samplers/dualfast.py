@@ -6,11 +6,11 @@ Research notes: /work/shared/research/dualfast.md (the spec, "§" below) and ada
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import torch
-from diffusers import UniPCMultistepScheduler
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
@@ -22,22 +22,32 @@ MIX_PLACEMENTS = ("model_output", "leading_term", "noise_term")
 MIX_SPACES = ("eps", "x0")
 
 
-class _UniPCWithCorrectorOffset(UniPCMultistepScheduler):
-    """UniPC whose corrector adds ``corrector_offset`` to its result.
+@functools.cache
+def _unipc_with_corrector_offset() -> type:
+    """UniPC whose corrector adds ``corrector_offset`` to its result (built on first use: importing UniPC imports
+    scipy.stats).
 
     UniPC's corrector (UniC) recomputes the previous interval from the stored sample and model outputs, so an additive
     change made to the predictor's result would be dropped at the next step. DualFast's additive placements set the
     offset to the change they made, which is what the corrector's leading term gives when it reuses the mixed
     prediction of that step (spec §4.2, UniPC).
     """
+    from diffusers import UniPCMultistepScheduler
 
-    corrector_offset: torch.Tensor | None = None
+    class UniPCWithCorrectorOffset(UniPCMultistepScheduler):
+        corrector_offset: torch.Tensor | None = None
 
-    def multistep_uni_c_bh_update(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        x_t = super().multistep_uni_c_bh_update(*args, **kwargs)
-        if self.corrector_offset is None:
-            return x_t
-        return (x_t.to(self.corrector_offset.dtype) + self.corrector_offset).to(x_t.dtype)
+        def multistep_uni_c_bh_update(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+            x_t = super().multistep_uni_c_bh_update(*args, **kwargs)
+            if self.corrector_offset is None:
+                return x_t
+            return (x_t.to(self.corrector_offset.dtype) + self.corrector_offset).to(x_t.dtype)
+
+    return UniPCWithCorrectorOffset
+
+
+def _has_corrector_offset(scheduler: Any) -> bool:
+    return hasattr(type(scheduler), "corrector_offset")
 
 
 class DualFastScheduler(WrappedScheduler):
@@ -182,7 +192,7 @@ class DualFastScheduler(WrappedScheduler):
 
     def _base_class(self, name: str) -> type:
         if name == "UniPCMultistepScheduler":
-            return _UniPCWithCorrectorOffset
+            return _unipc_with_corrector_offset()
         return super()._base_class(name)
 
     def _check_base(self) -> None:
@@ -195,7 +205,7 @@ class DualFastScheduler(WrappedScheduler):
             self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # see `_prediction_buffers`
         self._tau_prediction: torch.Tensor | None = None
         self._tau_index: int | None = None
-        if isinstance(getattr(self, "base", None), _UniPCWithCorrectorOffset):
+        if _has_corrector_offset(getattr(self, "base", None)):
             self.base.corrector_offset = None
 
     def _prediction_buffers(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,7 +264,7 @@ class DualFastScheduler(WrappedScheduler):
         if config.tau == "previous" or reference is None:
             self._tau_prediction, self._tau_index = prediction, index
         coefficient = self.mixing_coefficient(index)
-        unipc = isinstance(self.base, _UniPCWithCorrectorOffset)
+        unipc = _has_corrector_offset(self.base)
         if reference is None or coefficient == 0.0:
             if unipc:
                 self.base.corrector_offset = None

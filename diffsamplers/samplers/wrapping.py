@@ -20,26 +20,23 @@ import inspect
 import math
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    UniPCMultistepScheduler,
-)
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
 
 from ..schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS
 
-BASE_CLASSES: dict[str, type] = {
-    "DDIMScheduler": DDIMScheduler,
-    "DPMSolverMultistepScheduler": DPMSolverMultistepScheduler,
-    "UniPCMultistepScheduler": UniPCMultistepScheduler,
-    "FlowMatchEulerDiscreteScheduler": FlowMatchEulerDiscreteScheduler,
-}
+# the diffusers solvers that can be wrapped, resolved by name on first use: importing UniPC pulls in scipy.stats,
+# which would add about a second to `import diffsamplers`
+BASE_SCHEDULERS = (
+    "DDIMScheduler",
+    "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "FlowMatchEulerDiscreteScheduler",
+)
 
 # every JSON-serialisable configuration argument of the solvers above (UniPC's `solver_p` object is left out)
 BASE_CONFIG_KEYS: tuple[str, ...] = (
@@ -240,11 +237,11 @@ class WrappedScheduler(SchedulerMixin, ConfigMixin):
 
     def _base_class(self, name: str) -> type:
         """The class to instantiate for ``name`` (a subclass may return a thin subclass of it)."""
-        return BASE_CLASSES[name]
+        return getattr(diffusers, name)
 
     def _base_kwargs(self) -> dict[str, Any]:
         """The non-``None`` config values the wrapped class takes."""
-        cls = BASE_CLASSES[self.config.base_scheduler]
+        cls = getattr(diffusers, self.config.base_scheduler)
         keys = cls._get_init_keys(cls)
         kwargs = {k: self.config[k] for k in BASE_CONFIG_KEYS if k in keys and self.config.get(k) is not None}
         if kwargs.get("algorithm_type") in ("dpmsolver", "sde-dpmsolver") and "final_sigmas_type" not in kwargs:
@@ -414,7 +411,7 @@ class WrappedScheduler(SchedulerMixin, ConfigMixin):
         step itself needs no host-device transfer."""
         base = self.base
         n = len(base.timesteps)
-        if isinstance(base, DDIMScheduler):
+        if isinstance(base, diffusers.DDIMScheduler):
             ts = base.timesteps.detach().cpu().long()
             ac = base.alphas_cumprod.double()
             prev = ts - base.config.num_train_timesteps // base.num_inference_steps
