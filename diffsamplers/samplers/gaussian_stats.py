@@ -659,7 +659,11 @@ def _flat(x: torch.Tensor, dim: int, device: torch.device) -> torch.Tensor:
 
 class _MomentAccumulator:
     """Streaming mean and covariance by Chan, Golub & LeVeque's pairwise update (exact, no E[xx^T] - mu mu^T
-    cancellation), in float64."""
+    cancellation), in float64.
+
+    Not :class:`diffsamplers.eval.StreamingStats`: that one keeps raw sums so that processes can all-reduce them, and
+    it lives above this layer; data statistics (pixels with a mean far larger than their spread at the image border)
+    need the cancellation-free form, and teleportation needs no cross-process merge."""
 
     def __init__(self, dim: int, device: torch.device):
         self.count = 0
