@@ -5,7 +5,9 @@
    the same network (ratio; target >= 0.8) and the Frechet distance at d=2048 against scipy's sqrtm (target >= 20x).
 2. Scheduler step overhead (benchmarks/step_overhead.py): one ``step()`` of each diffsamplers scheduler against
    diffusers' DPMSolverMultistep on SD-sized latents, float16 and float32 (target <= 1.5x).
-3. ``diffsamplers bench`` on the bundled digits model on the GPU.
+3. The fused Triton LML correction against the eager one on CUDA (full runs on three bases), and no host-device
+   sync in a fused run.
+4. ``diffsamplers bench`` on the bundled digits model on the GPU.
 
     python benchmarks/gpu_check.py --out DIR [--inception PATH] [--bench-samples N]
 
@@ -32,7 +34,7 @@ def main() -> None:
     parser.add_argument("--out", default="gpu-check-out")
     parser.add_argument("--inception", default=None, help="TorchScript Inception file (else the offline lookup)")
     parser.add_argument("--bench-samples", type=int, default=2000)
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: fid,step,bench")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: fid,step,lml,bench")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check.py needs a CUDA device")
@@ -66,6 +68,17 @@ def main() -> None:
                 print(f"  {r['shape']:>14}  {r['scheduler']:<26} {r['ms_per_step']:8.3f} ms  {ratio:5.2f}x")
         print(f"({time.perf_counter() - start:.0f} s)", flush=True)
         save()
+    if "lml" not in skip:
+        start = time.perf_counter()
+        result["lml_fused"] = lml_fused_check()
+        for r in result["lml_fused"]:
+            print(
+                f"  LML fused vs eager, {r['base']} ({r['placement']}, {r['dtype']}): relative difference "
+                f"{r['relative_difference']:.2e}, fused={r['fused']}, syncs in the steps: {r['syncs']} "
+                f"(base alone: {r['syncs_base_alone']})"
+            )
+        print(f"({time.perf_counter() - start:.0f} s)", flush=True)
+        save()
     if "bench" not in skip:
         from diffsamplers.eval.cli import main as cli
 
@@ -78,6 +91,58 @@ def main() -> None:
         result["bench_seconds"] = time.perf_counter() - start
         print(f"({result['bench_seconds']:.0f} s)", flush=True)
         save()
+
+
+def lml_fused_check(steps: int = 20, shape: tuple = (2, 4, 64, 64)) -> list[dict]:
+    """Whole LML runs with the fused Triton correction and with the eager one, from the same start and model
+    outputs, on each base solver's placement; then the steps of a fused run, and of the plain base solver, under
+    ``set_sync_debug_mode("error")`` (after ``set_timesteps`` and ``set_begin_index(0)``, which pipelines call
+    outside the loop)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+    from diffsamplers import LMLScheduler
+
+    def run(scheduler, dtype: torch.dtype, debug: bool = False) -> torch.Tensor | str:
+        scheduler.set_timesteps(steps, device="cuda")
+        scheduler.set_begin_index(0)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(shape, generator=g).to("cuda", dtype)
+        noise = [torch.randn(shape, generator=g).to("cuda", dtype) for _ in range(steps)]
+        timesteps = list(scheduler.timesteps)
+        torch.cuda.synchronize()
+        if debug:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            for t, n in zip(timesteps, noise):
+                x = scheduler.step(0.6 * x + 0.3 * n, t, x).prev_sample
+        except RuntimeError as error:
+            return str(error).splitlines()[0][:100]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return "none" if debug else x.float()
+
+    rows = []
+    for base in (DPMSolverMultistepScheduler(), DDIMScheduler(), FlowMatchEulerDiscreteScheduler(shift=3.0)):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            scheduler = LMLScheduler.from_config(
+                base.config, base_scheduler=type(base).__name__, lm_lambda=10.0, lm_kappa=0.5
+            )
+            scheduler.fused_kernels = False
+            eager = run(scheduler, dtype)
+            scheduler.fused_kernels = True
+            fused = run(scheduler, dtype)
+            rows.append(
+                dict(
+                    base=type(base).__name__,
+                    placement=scheduler.lm_placement,
+                    dtype=str(dtype).split(".")[-1],
+                    fused=scheduler._fused is not None,
+                    relative_difference=float((fused - eager).abs().max() / eager.abs().max()),
+                    syncs=run(scheduler, dtype, debug=True),
+                    syncs_base_alone=run(type(base).from_config(base.config), dtype, debug=True),
+                )
+            )
+    return rows
 
 
 if __name__ == "__main__":

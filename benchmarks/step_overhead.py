@@ -35,7 +35,14 @@ def candidates() -> dict[str, Callable[[dict], Any]]:
         "BDIA": lambda c: BDIAScheduler.from_config(c, gamma=0.5),
         "DualFast (DPM++2M)": lambda c: DualFastScheduler.from_config(c),
         "LML (DPM++2M, kappa 0.5)": lambda c: LMLScheduler.from_config(c, lm_lambda=10.0, lm_kappa=0.5),
+        # the same without the fused Triton correction (they differ on CUDA only)
+        "LML eager": lambda c: _eager(LMLScheduler.from_config(c, lm_lambda=10.0, lm_kappa=0.5)),
     }
+
+
+def _eager(scheduler: Any) -> Any:
+    scheduler.fused_kernels = False
+    return scheduler
 
 
 def _sync(device: torch.device) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -228,6 +229,34 @@ class _DirectionGram:
         return a_minus_1.to(g.dtype).view(self.coefficient_shape), b.to(g.dtype).view(self.coefficient_shape), None
 
 
+# what the fused kernels read besides the float32 directions (a half-precision pipeline's sample)
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TRITON: Any = None  # the _lml_triton module once it passed its check, False if it failed
+
+
+def _triton_module(device: torch.device) -> Any:
+    """:mod:`._lml_triton`, imported and checked on first use; ``None`` (with one warning) where Triton is missing,
+    cannot compile on this machine (it builds a small C launcher), or disagrees with :func:`lm_correct`."""
+    global _TRITON
+    if _TRITON is None:
+        try:
+            from . import _lml_triton
+
+            generator = torch.Generator().manual_seed(0)
+            g, g_prev = (torch.randn((2, 3000), generator=generator).to(device) for _ in range(2))
+            fused = _lml_triton.FusedCorrection(g, 10.0, 0.5)
+            stored = torch.empty_like(g)
+            out = fused(g, torch.zeros_like(g), 1.0, 0.0, g_prev, g, torch.empty_like(g), 1.0, g_out=stored)
+            error = float((out - lm_correct(g, g_prev, 10.0, 0.5)).abs().max())
+            if not error < 1e-4 or not torch.equal(stored, g):
+                raise RuntimeError(f"self-check failed (max error {error:.3g})")
+            _TRITON = _lml_triton
+        except Exception as error:  # ImportError, a compiler missing, a failed check
+            warnings.warn(f"LMLScheduler: fused Triton kernels unavailable ({error}); using the eager correction")
+            _TRITON = False
+    return _TRITON or None
+
+
 class LMLScheduler(WrappedScheduler):
     __doc__ = (
         r"""
@@ -290,10 +319,17 @@ class LMLScheduler(WrappedScheduler):
             `"velocity"` (FlowMatchEuler only: ``x_next = x + dt * LM(v)``); `"auto"` picks the official one.
         formula (`str`, defaults to `"stable"`): `"stable"` or `"reference"` (see above).
         use_lm (`bool`, defaults to `True`): `False` runs the base solver unchanged.
+
+    Attributes:
+        fused_kernels (`bool`, defaults to `True`): on CUDA float32 tensors, compute the correction with two fused
+            Triton kernels (:mod:`diffsamplers.samplers._lml_triton`; same float64 reductions, results equal to
+            the eager path to float32 rounding) instead of about thirty small eager kernels, which made the step
+            launch-bound. Set it to `False` for the eager path; it is used anyway where Triton is missing.
 """
         + BASE_CONFIG_DOC
     )
 
+    _fused_devices = ("cuda",)  # the tests add "cpu" under TRITON_INTERPRET=1
     _supported_bases = ("DDIMScheduler", "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler")
     _default_base = "DPMSolverMultistepScheduler"
 
@@ -367,6 +403,8 @@ class LMLScheduler(WrappedScheduler):
             raise ValueError(f"formula must be one of {FORMULAS}, got {formula!r}")
         if not isinstance(use_lm, bool):
             raise ValueError(f"use_lm must be a bool, got {use_lm!r}")
+        # a run-time switch, not config: whether CUDA float32 steps use the fused Triton correction
+        self.fused_kernels = True
         self._init_wrapper()
 
     @property
@@ -401,6 +439,7 @@ class LMLScheduler(WrappedScheduler):
             self._gram: _DirectionGram | None = None
             self._ring_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
             self._spare_buffer: torch.Tensor | None = None
+            self._fused: Any = None  # a _lml_triton.FusedCorrection once a CUDA step used it
         elif self._gram is not None:
             self._gram.slot = None
         self._apply_at: list[bool] | None = None
@@ -447,8 +486,11 @@ class LMLScheduler(WrappedScheduler):
         placement = self.lm_placement
         if placement == "velocity":
             # FlowMatch-Euler: x_next = x + (sigma_next - sigma) * LM(v)  (stochastic: x0 = x - sigma * LM(v))
-            coefficients = self._coefficients(work, g_prev) if apply and stable else None
-            if coefficients is not None:  # LM(v) = v + (A - 1) v + B (v_prev - v), a fresh tensor
+            fused = self._fused_correction(work, g_prev) if apply and stable else None
+            coefficients = self._coefficients(work, g_prev) if apply and stable and fused is None else None
+            if fused is not None:
+                corrected = fused(work, None, 1.0, 0.0, g_prev, None, torch.empty_like(work), 1.0)
+            elif coefficients is not None:  # LM(v) = v + (A - 1) v + B (v_prev - v), a fresh tensor
                 corrected = self._add_correction(None, work, g_prev, coefficients, 1.0)
             else:
                 self._drop_gram()
@@ -464,6 +506,21 @@ class LMLScheduler(WrappedScheduler):
             raise ValueError("placement='increment' needs a deterministic step: eta must be 0")
         result = self._call_base(work, timestep, sample, step_kwargs)
         prev = result.prev_sample.to(work.dtype)
+        if placement == "increment":
+            c = self._increment_coefficient(index)
+            # the whole multistep increment (official DPM-Solver LM files), into the ring slot g_prev is not in
+            ring = self._ring(prev)
+            slot = ring[1] if g_prev is ring[0] else ring[0]
+            fused = self._fused_correction(prev, g_prev, sample) if apply and stable else None
+            if fused is not None:
+                # g = prev - c x and x_next = prev + (LM(g) - g) in two kernels, which read a half-precision sample
+                # and write a half-precision result themselves
+                if out_dtype == prev.dtype and (prev is sample or prev is work or prev is model_output):
+                    prev = prev.clone()
+                out = prev if out_dtype == prev.dtype else torch.empty_like(prev, dtype=out_dtype)
+                result.prev_sample = fused(prev, sample, 1.0, -c, g_prev, prev, out, 1.0, g_out=slot)
+                self._g_prev = slot
+                return result
         x = sample.to(work.dtype)
         if placement == "noise_direction":
             # DDIM eq. (12): only the "direction pointing to x_t" uses LM(eps); x0 keeps the raw prediction
@@ -475,13 +532,15 @@ class LMLScheduler(WrappedScheduler):
                 g = _epsilon(work, x, alpha, sigma, self.prediction_type)
             weight = math.sqrt(max(sigma_next**2 - self._ddim_noise_std(index, eta) ** 2, 0.0))
         else:
-            c = self._increment_coefficient(index)
-            # the whole multistep increment (official DPM-Solver LM files), into the ring slot g_prev is not in
-            ring = self._ring(prev)
-            g = torch.sub(prev, x, alpha=c, out=ring[1] if g_prev is ring[0] else ring[0])
+            g = torch.sub(prev, x, alpha=c, out=slot)
             weight = 1.0  # x_next = c x + LM(g) = prev + (LM(g) - g)
-        coefficients = self._coefficients(g, g_prev) if apply and stable else None
-        if coefficients is not None:
+        fused = self._fused_correction(g, g_prev, prev) if apply and stable and placement != "increment" else None
+        coefficients = self._coefficients(g, g_prev) if apply and stable and fused is None else None
+        if fused is not None:
+            if prev is sample or prev is work or prev is model_output:
+                prev = prev.clone()
+            new = fused(g, None, 1.0, 0.0, g_prev, prev, prev, weight)
+        elif coefficients is not None:
             # prev + weight * (LM(g) - g), in place on the base's fresh result (it keeps no reference to it) unless
             # that is one of the inputs
             if prev is sample or prev is work or prev is model_output:
@@ -538,6 +597,37 @@ class LMLScheduler(WrappedScheduler):
         if spare is None or spare.shape != like.shape or spare.dtype != like.dtype or spare.device != like.device:
             spare = self._spare_buffer = torch.empty_like(like)
         return spare
+
+    def _fused_correction(self, like: torch.Tensor, g_prev: torch.Tensor | None, *others: torch.Tensor) -> Any:
+        """The fused Triton correction (see :mod:`._lml_triton`) when this step can take it: ``fused_kernels``
+        on, CUDA float32 tensors (contiguous, no autograd), a previous direction, and Triton importable; else
+        ``None`` (the eager path)."""
+        if (
+            not self.fused_kernels
+            or g_prev is None
+            or like.device.type not in self._fused_devices
+            or like.dtype != torch.float32
+        ):
+            return None
+        tensors = (like, g_prev, *others)
+        if g_prev.dtype != like.dtype or any(
+            t.shape != like.shape
+            or t.device != like.device
+            or t.dtype not in _FUSED_DTYPES
+            or not t.is_contiguous()
+            or t.requires_grad
+            for t in tensors
+        ):
+            return None
+        lm_lambda, lm_kappa = self._lm_parameters
+        fused = self._fused
+        if fused is None or not fused.matches(like, lm_lambda, lm_kappa):
+            module = _triton_module(like.device)
+            if module is None:
+                return None
+            fused = self._fused = module.FusedCorrection(like, lm_lambda, lm_kappa)
+        self._drop_gram()  # the eager path's float64 copy of g_prev is stale after a fused step
+        return fused
 
     def _drop_gram(self) -> None:
         """A step that did not record its ``g`` in float64: the next one converts its ``g_prev`` afresh."""
