@@ -9,6 +9,8 @@ from .pipelines import (
     teleport_pipeline,
 )
 from .samplers import (
+    BDIAEDMPredictorOutput,
+    BDIAEDMScheduler,
     BDIAInverseOutput,
     BDIAScheduler,
     DualFastScheduler,
@@ -25,6 +27,8 @@ __all__ = [
     "AdaptiveDiffusionHandle",
     "AdaptiveSkipController",
     "AdaptiveStepRecord",
+    "BDIAEDMPredictorOutput",
+    "BDIAEDMScheduler",
     "BDIAInverseOutput",
     "BDIAScheduler",
     "DualFastScheduler",

@@ -2,12 +2,15 @@
 
 from .base import DiffSamplersScheduler, DiffSamplersSchedulerOutput
 from .bdia import BDIAInverseOutput, BDIAScheduler
+from .bdia_edm import BDIAEDMPredictorOutput, BDIAEDMScheduler
 from .dualfast import DualFastScheduler
 from .gaussian_stats import GaussianStats, frame_coeffs, latent_frame, teleport
 from .lml import LMLScheduler, lm_correct
 from .teleport import TeleportScheduler
 
 __all__ = [
+    "BDIAEDMPredictorOutput",
+    "BDIAEDMScheduler",
     "BDIAInverseOutput",
     "BDIAScheduler",
     "DiffSamplersScheduler",

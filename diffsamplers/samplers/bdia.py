@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
-from ..schedule import ddim_step, prediction_coefficients
+from ..schedule import config_family, ddim_step, prediction_coefficients
 from .base import COMMON_CONFIG_DOC, DiffSamplersScheduler, DiffSamplersSchedulerOutput
 
 
@@ -71,7 +71,10 @@ class BDIAScheduler(DiffSamplersScheduler):
     The update is linear in the sample's own frame, so it applies unchanged to VP schedules (epsilon, sample and
     v prediction), to flow-matching configs (there DDIM is the Euler step of the velocity field) and to Karras
     sigma grids of VP configs (``use_karras_sigmas=True``: DDIM is then EDM's Euler step in ``x / alpha``).
-    EDM/VE configs (``EDMEulerScheduler``, with EDM's input/output preconditioning) are refused at ``from_config``.
+    EDM/VE configs (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``, with EDM's input/output
+    preconditioning) have their own class: ``BDIAScheduler.from_config`` of one returns a
+    :class:`~diffsamplers.BDIAEDMScheduler` (BDIA on EDM's Heun sampler), so
+    ``pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config)`` works on EDM pipelines too.
 
     Args:
         gamma (`float`, defaults to 1.0): weight of the backward correction, in ``[0, 1]``. 0 is DDIM; the official
@@ -81,6 +84,17 @@ class BDIAScheduler(DiffSamplersScheduler):
     )
 
     order = 1
+
+    @classmethod
+    def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any):
+        """As :meth:`DiffSamplersScheduler.from_config`, except that an EDM/VE config (``EDMEulerScheduler``,
+        ``EDMDPMSolverMultistepScheduler``) returns a :class:`~diffsamplers.BDIAEDMScheduler` built from it (with
+        the same keyword arguments, e.g. ``gamma``) instead of being refused."""
+        if config is not None and hasattr(config, "keys") and config_family(dict(config)) == "ve":
+            from .bdia_edm import BDIAEDMScheduler
+
+            return BDIAEDMScheduler.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @register_to_config
     def __init__(
@@ -108,9 +122,7 @@ class BDIAScheduler(DiffSamplersScheduler):
         shift_terminal: float | None = None,
         time_shift_type: Literal["exponential", "linear"] = "exponential",
     ):
-        if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not 0.0 <= float(gamma) <= 1.0:
-            raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
-        self.register_to_config(gamma=float(gamma))  # a plain float in the saved config
+        self.register_to_config(gamma=checked_gamma(gamma))  # a plain float in the saved config
         self._validate_common_config()
         self._pending_pair: tuple[torch.Tensor, torch.Tensor] | None = None
         # two float64 latents reused by the linear step (see `_workspace`); kept across runs of one shape
@@ -146,13 +158,7 @@ class BDIAScheduler(DiffSamplersScheduler):
         :meth:`inverse_step`); the first step checks only that ``sample`` is one of the two. Keep the pair in
         float64 for an exact round trip.
         """
-        if not isinstance(upper_sample, torch.Tensor) or not isinstance(lower_sample, torch.Tensor):
-            raise TypeError("set_inversion_pair takes two tensors (z_{i+1}, z_i)")
-        if upper_sample.shape != lower_sample.shape:
-            raise ValueError(
-                f"the pair must have one shape, got {tuple(upper_sample.shape)} and {tuple(lower_sample.shape)}"
-            )
-        self._pending_pair = (upper_sample, lower_sample)
+        self._pending_pair = checked_pair(upper_sample, lower_sample)
 
     # -- sampling -----------------------------------------------------------------------------------------------
 
@@ -347,6 +353,24 @@ class BDIAScheduler(DiffSamplersScheduler):
         if not return_dict:
             return (upper, x0)
         return BDIAInverseOutput(upper_sample=upper, pred_original_sample=x0)
+
+
+def checked_gamma(gamma: float) -> float:
+    """``gamma`` as a float, or a ``ValueError`` unless it is a number in ``[0, 1]`` (BDIA's weight)."""
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not 0.0 <= float(gamma) <= 1.0:
+        raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
+    return float(gamma)
+
+
+def checked_pair(upper_sample: torch.Tensor, lower_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(upper, lower)`` pair of ``set_inversion_pair``, checked to be two tensors of one shape."""
+    if not isinstance(upper_sample, torch.Tensor) or not isinstance(lower_sample, torch.Tensor):
+        raise TypeError("set_inversion_pair takes two tensors (the upper and the lower state)")
+    if upper_sample.shape != lower_sample.shape:
+        raise ValueError(
+            f"the pair must have one shape, got {tuple(upper_sample.shape)} and {tuple(lower_sample.shape)}"
+        )
+    return upper_sample, lower_sample
 
 
 def _same(sample: torch.Tensor, stored: torch.Tensor) -> bool:
