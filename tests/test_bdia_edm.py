@@ -29,10 +29,10 @@ def randn(*shape, seed=0, dtype=torch.float64):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-def reference_bdia_edm(model, n, x, gamma=0.0, sigma_data=0.5, **config):
-    """EDM's deterministic sampler (Karras et al. 2022, Algorithm 1: Heun, Euler into the last level) on
-    EDMEulerScheduler's grid, plus the BDIA term gamma (x_{k-1} - x_k - (sigma_{k-1} - sigma_k) d_k) from the second
-    interval on (gamma = 0: Algorithm 1 itself). Returns the final sample and all level states."""
+def reference_bdia_edm(model, n, x, gamma=0.0, sigma_data=0.5, solver="heun", **config):
+    """EDM's deterministic sampler (Karras et al. 2022, Algorithm 1: Heun, Euler into the last level; or Euler
+    throughout) on EDMEulerScheduler's grid, plus the BDIA term gamma (x_{k-1} - x_k - (sigma_{k-1} - sigma_k) d_k)
+    from the second interval on (gamma = 0: Algorithm 1 itself). Returns the final sample and all level states."""
     grid = EDMEulerScheduler(**config)
     grid.set_timesteps(n)
     sig, ts = grid.sigmas.double().tolist(), grid.timesteps
@@ -47,7 +47,7 @@ def reference_bdia_edm(model, n, x, gamma=0.0, sigma_data=0.5, **config):
     for k in range(n):
         d = (x - denoise(x, k)) / sig[k]
         x_next = x + (sig[k + 1] - sig[k]) * d
-        if k < n - 1:
+        if k < n - 1 and solver == "heun":
             d2 = (x_next - denoise(x_next, k + 1)) / sig[k + 1]
             x_next = x + (sig[k + 1] - sig[k]) * (0.5 * d + 0.5 * d2)
         if k > 0:
@@ -65,8 +65,8 @@ def sample_levels(scheduler, model, x, n):
         out = model(scheduler.scale_model_input(x, t), t).sample
         calls += 1
         x = scheduler.step(out, t, x).prev_sample
-        if scheduler.step_index % 2 == 0 or scheduler.step_index == len(scheduler.timesteps):
-            states.append(x)  # a completed interval (the calls in between return Heun predictors)
+        if scheduler.order == 1 or scheduler.step_index % 2 == 0 or scheduler.step_index == len(scheduler.timesteps):
+            states.append(x)  # a completed interval (with Heun, the calls in between return predictors)
     return states, calls
 
 
@@ -89,30 +89,32 @@ def invert(scheduler, model, upper, lower):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("solver", ["euler", "heun"])
 @pytest.mark.parametrize("schedule", ["karras", "exponential"])
 @pytest.mark.parametrize("gamma", [0.0, 0.7])
-def test_matches_reference_edm_heun_and_bdia_update(toy, schedule, gamma):
+def test_matches_reference_edm_sampler_and_bdia_update(toy, solver, schedule, gamma):
     n, x = 7, 80.0 * randn(5, *toy.shape)
-    expected, _ = reference_bdia_edm(toy, n, x, gamma=gamma, sigma_schedule=schedule)
-    scheduler = BDIAEDMScheduler(gamma=gamma, sigma_schedule=schedule)
+    expected, _ = reference_bdia_edm(toy, n, x, gamma=gamma, solver=solver, sigma_schedule=schedule)
+    scheduler = BDIAEDMScheduler(gamma=gamma, sigma_schedule=schedule, solver=solver)
     before = toy.num_calls
     states, calls = sample_levels(scheduler, toy, x, n)
-    assert calls == toy.num_calls - before == 2 * n - 1
+    assert calls == toy.num_calls - before == (2 * n - 1 if solver == "heun" else n)
     assert states[-1].dtype == torch.float64
     torch.testing.assert_close(states[-1], expected, rtol=0, atol=1e-12)
 
 
-def test_first_call_is_edm_euler_and_preconditioning_matches_diffusers():
-    # the first call of a Heun step is EDMEulerScheduler's step (its predictor), with its c_in, c_skip and c_out
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_first_call_is_edm_euler_and_preconditioning_matches_diffusers(solver):
+    # the first call of a run is EDMEulerScheduler's step (with Heun: its predictor), with its c_in, c_skip and c_out
     for prediction_type in ("epsilon", "v_prediction"):
         ref = EDMEulerScheduler(prediction_type=prediction_type)
-        ours = BDIAEDMScheduler.from_config(ref.config, gamma=0.5)
+        ours = BDIAEDMScheduler.from_config(ref.config, gamma=0.5, solver=solver)
         ref.set_timesteps(6)
         x = 80.0 * randn(2, 4, 3, 3, dtype=torch.float32)
         for k in range(6):
             t = ref.timesteps[k]
             ours.set_timesteps(6)
-            ours.set_begin_index(2 * k)  # a fresh run at the first call of level k
+            ours.set_begin_index(ours.order * k)  # a fresh run at the first call of level k
             torch.testing.assert_close(ours.scale_model_input(x, t), ref.scale_model_input(x, t), rtol=1e-6, atol=0)
             out = randn(*x.shape, seed=k + 1, dtype=torch.float32)
             expected = ref.step(out, t, x)
@@ -141,35 +143,50 @@ def test_exact_network_wrapper_gives_the_posterior_mean(toy):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def test_gamma_zero_euler_is_diffusers_edm_euler(digits):
+    # float32 like EDMEulerScheduler's step, which upcasts to float32
+    n, x_0 = 8, 80.0 * randn(3, *digits.shape, dtype=torch.float32)
+    ref = EDMEulerScheduler()
+    ref.set_timesteps(n)
+    x = x_0
+    for t in ref.timesteps:
+        x = ref.step(digits(ref.scale_model_input(x, t), t).sample, t, x).prev_sample
+    ours = sample_levels(BDIAEDMScheduler(gamma=0.0), digits, x_0, n)[0][-1]
+    torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
 @pytest.mark.parametrize("gamma", [0.9, 1.0])
 @pytest.mark.parametrize("n", [10, 50])
-def test_exact_round_trip(digits, gamma, n):
-    scheduler = BDIAEDMScheduler(gamma=gamma)
+def test_exact_round_trip(digits, solver, gamma, n):
+    scheduler = BDIAEDMScheduler(gamma=gamma, solver=solver)
     x_0 = 80.0 * randn(4, *digits.shape)
     states, _ = sample_levels(scheduler, digits, x_0, n)
     assert len(states) == n + 1
     upper, lower, calls = invert(scheduler, digits, states[-2], states[-1])
-    assert calls == 2 * (n - 1) - 1  # every inverted interval but the last (Euler) costs two calls
+    # every inverted interval costs its sampling calls: Heun two (but the last, Euler), Euler one
+    assert calls == (2 * (n - 1) - 1 if solver == "heun" else n - 1)
     assert (upper - x_0).abs().max() < 1e-10
     assert (lower - states[1]).abs().max() < 1e-10
 
 
-def test_editing_round_trip_through_injected_pair(digits):
-    n, scheduler = 8, BDIAEDMScheduler(gamma=0.95)
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_editing_round_trip_through_injected_pair(digits, solver):
+    n, scheduler = 8, BDIAEDMScheduler(gamma=0.95, solver=solver)
     scheduler.set_timesteps(n)
     data = digits.mixture.sample_data(3, generator=torch.Generator().manual_seed(0))
     # any x_{N-1} gives an exact round trip: here the data noised to its level
     near = data + scheduler.level_sigmas[n - 1] * randn(*data.shape, seed=3)
     top, below, _ = invert(scheduler, digits, near, data)
-    # a stock loop from latents = x_0 / init_noise_sigma: two calls are spent on the skipped interval
+    # a stock loop from latents = x_0 / init_noise_sigma: the skipped interval's calls are spent for nothing
     scheduler.set_inversion_pair(top, below)
     out, calls = run_scheduler(scheduler, digits, top / scheduler.init_noise_sigma, n)
-    assert calls == 2 * n - 1 and (out - data).abs().max() < 1e-10
+    assert calls == len(scheduler.timesteps) and (out - data).abs().max() < 1e-10
     # a custom loop that starts at x_1 (found by its timestep: the first call of level 1)
     scheduler.set_timesteps(n)
     scheduler.set_inversion_pair(top, below)
     x = below
-    for t in scheduler.timesteps[2:]:
+    for t in scheduler.timesteps[scheduler.order :]:
         x = scheduler.step(digits(scheduler.scale_model_input(x, t), t).sample, t, x).prev_sample
     assert (x - data).abs().max() < 1e-10
     # the pair is consumed: the next run starts with a plain Heun step and does not return the data
@@ -188,19 +205,20 @@ def test_editing_round_trip_through_injected_pair(digits):
 def test_convergence_against_exact_solution(toy):
     x_0 = 80.0 * randn(16, *toy.shape)
     reference = exact_solution(toy.mixture, x_0, math.log(80.0) / 4)
-    levels = (20, 40, 80)
-    err = {}
-    for gamma in (0.0, 1.0):
+    levels = (80, 160, 320)  # asymptotic: at 20-80 levels the Karras grid's uneven steps blur the orders
+    err, slope = {}, {}
+    for solver, gamma in (("heun", 0.0), ("heun", 1.0), ("euler", 0.0), ("euler", 1.0)):
         for n in levels:
-            states, _ = sample_levels(BDIAEDMScheduler(gamma=gamma), toy, x_0, n)
-            err[gamma, n] = float((states[-1] - reference).pow(2).mean().sqrt())
-    nfe = torch.tensor([2.0 * n - 1 for n in levels]).log()
-    for gamma, (lo, hi) in ((0.0, (1.7, 2.6)), (1.0, (0.9, 2.6))):
-        y = torch.tensor([err[gamma, n] for n in levels]).log()
-        slope = -float(((nfe - nfe.mean()) * (y - y.mean())).sum() / ((nfe - nfe.mean()) ** 2).sum())
-        assert lo < slope < hi, (gamma, slope, err)
-        assert err[gamma, 20] > err[gamma, 40] > err[gamma, 80]
-    assert err[1.0, 80] < 2e-2
+            states, calls = sample_levels(BDIAEDMScheduler(gamma=gamma, solver=solver), toy, x_0, n)
+            err[solver, gamma, n] = float((states[-1] - reference).pow(2).mean().sqrt())
+        nfe = torch.tensor([2.0 * n - 1 if solver == "heun" else float(n) for n in levels]).log()
+        y = torch.tensor([err[solver, gamma, n] for n in levels]).log()
+        slope[solver, gamma] = -float(((nfe - nfe.mean()) * (y - y.mean())).sum() / ((nfe - nfe.mean()) ** 2).sum())
+    # EDM Heun is second order and EDM Euler first; BDIA with Euler both ways (gamma = 1) is second order, since the
+    # leading errors of the two directions cancel; with Heun forward and an Euler backward step only first order
+    assert 1.8 < slope["heun", 0.0] < 2.3 and 0.8 < slope["heun", 1.0] < 1.4, slope
+    assert 0.8 < slope["euler", 0.0] < 1.2 and 1.8 < slope["euler", 1.0] < 2.3, slope
+    assert err["euler", 1.0, 320] < 0.2 * err["euler", 0.0, 320] and err["euler", 1.0, 320] < err["heun", 1.0, 320]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,8 +232,12 @@ def test_convergence_against_exact_solution(toy):
 def test_grid_is_edm_euler_in_heun_layout(schedule, final, n):
     ref = EDMEulerScheduler(sigma_schedule=schedule, final_sigmas_type=final)
     ref.set_timesteps(n)
-    ours = BDIAEDMScheduler.from_config(ref.config)
+    euler = BDIAEDMScheduler.from_config(ref.config)
+    euler.set_timesteps(n)
+    assert euler.order == 1 and torch.equal(euler.timesteps, ref.timesteps) and torch.equal(euler.sigmas, ref.sigmas)
+    ours = BDIAEDMScheduler.from_config(ref.config, solver="heun")
     ours.set_timesteps(n)
+    assert ours.order == 2
     assert torch.equal(ours.level_sigmas.float(), ref.sigmas) and torch.equal(ours.level_timesteps, ref.timesteps)
     heun = torch.cat([ref.timesteps[:1], ref.timesteps[1:].repeat_interleave(2)])
     assert torch.equal(ours.timesteps, heun) and len(ours.timesteps) == 2 * n - 1 and ours.num_inference_steps == n
@@ -262,7 +284,9 @@ def test_bad_arguments_raise():
         BDIAEDMScheduler(final_sigmas_type="one")
     with pytest.raises(ValueError, match="sigma_min"):
         BDIAEDMScheduler(sigma_min=100.0)
-    scheduler = BDIAEDMScheduler(gamma=0.9)
+    with pytest.raises(ValueError, match="solver"):
+        BDIAEDMScheduler(solver="dpm")
+    scheduler = BDIAEDMScheduler(gamma=0.9, solver="heun")
     x = randn(1, 2)
     with pytest.raises(ValueError, match="set_timesteps"):
         scheduler.step(x, 0.5, x)
@@ -281,13 +305,18 @@ def test_bad_arguments_raise():
         scheduler.inverse_step(x, t[4], x, x, predictor_output=x)
     with pytest.raises(ValueError, match="gamma"):
         BDIAEDMScheduler(gamma=0.0).inverse_step(x, t[1], x, x, predictor_output=x)
+    euler = BDIAEDMScheduler(gamma=0.9)
+    euler.set_timesteps(5)
+    assert euler.heun_predictor(x, t[2], x) is None
+    with pytest.raises(ValueError, match="predictor_output"):
+        euler.inverse_step(x, t[2], x, x, predictor_output=x)
     scheduler.set_begin_index(1)  # a run cannot begin with a Heun corrector call
     with pytest.raises(ValueError, match="second"):
         scheduler.step(x, scheduler.timesteps[1], x)
 
 
 def test_state_resets_between_runs(toy):
-    scheduler = BDIAEDMScheduler(gamma=0.5)
+    scheduler = BDIAEDMScheduler(gamma=0.5, solver="heun")
     x_0 = 80.0 * randn(2, *toy.shape)
     first = sample_levels(scheduler, toy, x_0, 6)[0][-1]
     assert torch.equal(sample_levels(scheduler, toy, x_0, 6)[0][-1], first)
@@ -298,7 +327,7 @@ def test_state_resets_between_runs(toy):
         x = scheduler.step(toy(scheduler.scale_model_input(x, t), t).sample, t, x).prev_sample
     assert torch.equal(sample_levels(scheduler, toy, x_0, 6)[0][-1], first)
     # an img2img-style run that begins part way makes a plain Heun first step
-    heun = BDIAEDMScheduler(gamma=0.0)
+    heun = BDIAEDMScheduler(gamma=0.0, solver="heun")
     outs = []
     for s in (scheduler, heun):
         s.set_timesteps(6)
@@ -315,14 +344,15 @@ def test_state_resets_between_runs(toy):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_stable_diffusion_pipeline_with_guidance_fp32_and_fp16():
-    scheduler = BDIAScheduler.from_config(EDMEulerScheduler().config, gamma=0.5)
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_stable_diffusion_pipeline_with_guidance_fp32_and_fp16(solver):
+    scheduler = BDIAScheduler.from_config(EDMEulerScheduler().config, gamma=0.5, solver=solver)
     pipe = tiny_stable_diffusion_pipeline(scheduler=scheduler)
     assert isinstance(pipe.scheduler, BDIAEDMScheduler)
     calls = []
     pipe.unet.register_forward_hook(lambda *args: calls.append(1))
     a = run_tiny_stable_diffusion(pipe, num_inference_steps=4, guidance_scale=7.5)
-    assert len(calls) == 7  # 2N - 1 (batched CFG: one UNet pass per call)
+    assert len(calls) == (7 if solver == "heun" else 4)  # Heun 2N - 1 (batched CFG: one UNet pass per call)
     b = run_tiny_stable_diffusion(pipe, num_inference_steps=4, guidance_scale=7.5)
     assert a.shape == (1, 32, 32, 3) and np.isfinite(a).all()
     np.testing.assert_array_equal(a, b)

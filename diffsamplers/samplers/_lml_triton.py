@@ -151,6 +151,9 @@ class FusedCorrection:
         ``g`` must be ``u`` with ``p = 1``, ``v = None``); ``base=None`` means ``base = g``. All tensors contiguous
         and of this object's shape; ``g_prev``, ``base`` and ``g_out`` of its dtype, while ``u``, ``v`` and ``out``
         may be half precision (converted on load and store). ``out`` may be ``base``."""
+        if self.device.type == "cuda" and self.device.index != torch.cuda.current_device():
+            with torch.cuda.device(self.device):  # Triton launches on the current device, not the tensors'
+                return self(u, v, p, q, g_prev, base, out, weight, g_out)
         if g_out is None:
             g = u
             v, q = u, 0.0

@@ -1,20 +1,24 @@
 # Copyright 2026 The diffsamplers authors. Licensed under the Apache License, Version 2.0.
-"""BDIA-EDM: EDM's Heun sampler made exactly invertible by bi-directional integration approximation.
+"""BDIA-EDM: EDM samplers made exactly invertible by bi-directional integration approximation.
 
 Zhang, Lewis & Kleijn, "Exact Diffusion Inversion via Bi-directional Integration Approximation", arXiv 2307.10829
 (ECCV 2024), say that BDIA applies to EDM (Karras et al. 2022) and improves its FID; their exact BDIA-EDM
-construction could not be read (only the abstract and the official README were reachable), so this file implements
-the project spec's derived form (``/work/shared/research/bdia_polaris.md`` §1.6) and it is **unverified** against
-the paper. States run from noise to data along the grid ``sigma_0 > sigma_1 > ... > sigma_N`` (EDMEulerScheduler's,
-``sigma_N`` = 0 or ``sigma_min``); ``x_k`` lives at ``sigma_k``, in EDM's unscaled frame ``x = x0 + sigma eps``.
-With EDM's denoiser ``D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)`` and the ODE direction
-``d_k = (x_k - D(x_k; sigma_k)) / sigma_k`` (Karras et al. eq. 3 with sigma(t) = t),
+construction could not be read (only the abstract and the official README were reachable), so it is **unverified**
+which of the two forms below (if either) the paper uses. States run from noise to data along the grid ``sigma_0 >
+sigma_1 > ... > sigma_N`` (EDMEulerScheduler's, ``sigma_N`` = 0 or ``sigma_min``); ``x_k`` lives at ``sigma_k``, in
+EDM's unscaled frame ``x = x0 + sigma eps``. With EDM's denoiser ``D(x; sigma) = c_skip x + c_out F(c_in x;
+c_noise)`` and the ODE direction ``d_k = (x_k - D(x_k; sigma_k)) / sigma_k`` (Karras et al. eq. 3, sigma(t) = t),
+every BDIA step is (spec §1.1, with the spec's "z_{i-1}" = x_{k+1})
 
-    Delta_f(x_k) = EDM's Heun step sigma_k -> sigma_{k+1} minus x_k   (2 model calls from x_k; Euler on the last
-                                                                       interval, as in EDM's Algorithm 1)
-    Delta_b(x_k) = (sigma_{k-1} - sigma_k) d_k                        (Euler back to the previous level, 0 calls)
-    x_{k+1} = x_k + Delta_f(x_k) + gamma * (x_{k-1} - x_k - Delta_b(x_k))      (spec §1.1 with the spec's
-                                                                                 "z_{i-1}" = x_{k+1})
+    x_{k+1} = x_k + Delta_f(x_k) + gamma * (x_{k-1} - x_k - Delta_b(x_k)),   Delta_b(x_k) = (sigma_{k-1} - sigma_k) d_k
+
+with ``Delta_f`` either
+
+* ``solver="euler"`` (default): ``(sigma_{k+1} - sigma_k) d_k``, one model call. At ``alpha = 1`` DDIM's transport
+  ``D_{k->j}(x_k) = x0 + sigma_j eps`` *is* this Euler step, so this is the paper's BDIA-DDIM update (spec §1.2, the
+  verified one) on an EDM model; or
+* ``solver="heun"``: EDM's Heun step (two model calls from ``x_k``; Euler into the last level, as in EDM's
+  Algorithm 1): the spec's derived form (§1.6).
 
 Both increments depend on ``x_k`` alone, so the update is linear in ``x_{k-1}`` and is solved for it exactly
 (spec §1.4): ``x_{k-1} = (x_{k+1} - x_k - Delta_f(x_k)) / gamma + x_k + Delta_b(x_k)``.
@@ -38,6 +42,7 @@ from .bdia import BDIAInverseOutput, checked_gamma, checked_pair
 PREDICTION_TYPES_EDM = ("epsilon", "v_prediction")
 SIGMA_SCHEDULES = ("karras", "exponential")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+SOLVERS = ("euler", "heun")
 
 
 @dataclass
@@ -55,24 +60,48 @@ class BDIAEDMPredictorOutput(BaseOutput):
 
 
 class BDIAEDMScheduler(DiffSamplersScheduler):
-    """BDIA-EDM: EDM's deterministic Heun sampler (Karras et al. 2022, Algorithm 1) with BDIA's exact inversion.
+    """BDIA-EDM: BDIA's exactly invertible update on EDM's deterministic Euler or Heun sampler (Karras et al. 2022).
 
-    **Unverified**: the BDIA paper reports BDIA-EDM but its construction could not be read; this is the project
-    spec's derived form (``bdia_polaris.md`` §1.6), not a port of the paper's code. With ``d_k = (x_k - D(x_k;
-    sigma_k)) / sigma_k`` on EDMEulerScheduler's grid ``sigma_0 > ... > sigma_N``, each step is::
+    With ``d_k = (x_k - D(x_k; sigma_k)) / sigma_k`` on EDMEulerScheduler's grid ``sigma_0 > ... > sigma_N``::
 
-        Delta_f = EDM Heun step sigma_k -> sigma_{k+1} (2 model calls; a 1-call Euler step on the last interval)
-        Delta_b = (sigma_{k-1} - sigma_k) d_k          (Euler back to the previous level, reusing d_k)
+        Delta_f = (sigma_{k+1} - sigma_k) d_k        solver="euler": 1 model call (BDIA-DDIM in EDM's frame)
+                = EDM Heun step sigma_k -> sigma_{k+1}  solver="heun": 2 calls; a 1-call Euler step into the last level
+        Delta_b = (sigma_{k-1} - sigma_k) d_k        (Euler back to the previous level, reusing d_k: no call)
         x_{k+1} = x_k + Delta_f + gamma * (x_{k-1} - x_k - Delta_b)      (float64, cast back to the sample's dtype)
 
-    The first interval of a run has no ``x_{k-1}`` and is a plain Heun step; ``gamma = 0`` is EDM Heun exactly
-    (2N - 1 model calls for N levels, as ``HeunDiscreteScheduler``). ``sigma_{k-1}`` is always the previous level
-    of the grid, the level of the run's previous state.
+    The first interval of a run has no ``x_{k-1}`` and is a plain Euler/Heun step; ``gamma = 0`` is
+    ``EDMEulerScheduler`` (``solver="euler"``) or EDM Heun (``"heun"``, 2N - 1 calls for N levels, as
+    ``HeunDiscreteScheduler``) exactly. ``sigma_{k-1}`` is always the previous level of the grid, the level of the
+    run's previous state. **Unverified**: which construction the paper's BDIA-EDM uses (see the module docstring).
 
-    Step protocol (diffusers' Heun pattern, ``order = 2``): ``timesteps`` is ``[t_0, t_1, t_1, ..., t_{N-1},
-    t_{N-1}]``; the first call at ``t_k`` is made at ``x_k`` and returns the Euler predictor, the next call (at
+    Why Euler is the default: with Euler both ways the backward estimate's error cancels the forward one's to
+    leading order (local error ``(h_f^2 - gamma h_b^2) x'' / 2``), as in BDIA-DDIM, and ``gamma = 1`` is second order
+    (error ratio 4.1 per doubling of 80-320 levels on ``toy_2d``, where EDM Euler gives 1.95); Heun's forward step has
+    no ``h^2`` term to cancel, so with ``gamma > 0`` the Euler ``Delta_b`` leaves ``gamma h_b^2 x'' / 2`` and the Heun
+    form is first order (ratio 2.2 at ``gamma = 1``). Measured on the exact testbed (RMSE against ``exact_solution``
+    from sigma_0 = 80, 64 samples, default EDM config, ``GaussianMixtureModel.digits``) at equal model calls:
+
+    ==================  =======  =======  =======  =======
+    model calls         5        9        19       39
+    ==================  =======  =======  =======  =======
+    EDM Euler           0.30     0.19     0.11     0.061
+    euler, gamma 0.5    0.33     0.068    0.017    0.011
+    euler, gamma 0.9    0.33     0.32     0.033    0.0032
+    euler, gamma 1.0    0.46     0.46     0.080    0.013
+    EDM Heun            2.2      0.63     0.097    0.018
+    heun, gamma 0.5     15       0.42     0.13     0.043
+    heun, gamma 1.0     7.9      1.0      0.26     0.082
+    ==================  =======  =======  =======  =======
+
+    As for BDIA-DDIM on Karras grids, ``gamma`` near 1 over-corrects the uneven first steps of short runs: for
+    sampling with 10-20 calls ``gamma = 0.5`` is best; the default 1.0 is for inversion (round trips want ``gamma``
+    in ``[0.9, 1]``).
+
+    Step protocol: ``solver="euler"`` is EDMEulerScheduler's (``order = 1``, one call per entry of ``timesteps``).
+    ``solver="heun"`` is diffusers' Heun pattern (``order = 2``; ``timesteps`` is ``[t_0, t_1, t_1, ..., t_{N-1},
+    t_{N-1}]``): the first call at ``t_k`` is made at ``x_k`` and returns the Euler predictor, the next call (at
     ``t_{k+1}``) is made at that predictor and returns ``x_{k+1}``; the call at ``t_{N-1}`` that ends the list makes
-    the final Euler step. So ``StableDiffusionPipeline``-style loops (``scale_model_input`` then ``step``) work.
+    the final Euler step. Both work in ``StableDiffusionPipeline``-style loops (``scale_model_input`` then ``step``).
 
     Exact inversion recovers ``x_{k-1} = (x_{k+1} - x_k - Delta_f) / gamma + x_k + Delta_b`` from ``(x_k,
     x_{k+1})`` (needs ``gamma > 0``; round-off grows like ``gamma^-N``, so use ``gamma`` near 1 and float64)::
@@ -81,18 +110,11 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
         upper, lower = x_N_minus_1, x_N                     # the last state of a run and its final sample
         for t in scheduler.level_timesteps.flip(0)[:-1]:    # t_{N-1}, ..., t_1
             out = model(scheduler.scale_model_input(upper, t), t).sample
-            pred = scheduler.heun_predictor(out, t, upper)  # None on the last interval (an Euler step)
+            pred = scheduler.heun_predictor(out, t, upper)  # None for Euler steps (solver="euler", last level)
             out2 = None if pred is None else model(
                 scheduler.scale_model_input(pred.sample, pred.timestep), pred.timestep).sample
             upper, lower = scheduler.inverse_step(out, t, upper, lower, predictor_output=out2).upper_sample, upper
         # (upper, lower) is now (x_0, x_1): regenerate with set_inversion_pair(upper, lower)
-
-    Accuracy: ``Delta_b`` is an Euler step, so for ``gamma > 0`` the update leaves a local error ``gamma h_b^2 x''
-    / 2`` that Heun's ``Delta_f`` does not cancel: BDIA-EDM is first order where EDM Heun is second (at 80-160 levels
-    its error halves per doubling, Heun's quarters). Measured (RMSE against ``exact_solution`` from sigma_0 = 80, 64
-    samples, default EDM config) at NFE 5 / 9 / 19 (N = 3 / 5 / 10), Heun (gamma 0) vs gamma 0.5 vs gamma 1:
-    ``toy_2d`` 2.5 / 1.46 / 0.098, 17.3 / 1.58 / 0.107, 24.0 / 1.47 / 0.58; ``digits`` 2.2 / 0.63 / 0.097,
-    15.4 / 0.42 / 0.133, 7.9 / 1.00 / 0.263. It is worth its inversion, not (on this testbed) its accuracy.
 
     ``BDIAScheduler.from_config`` of an EDM config returns this class, and ``from_config`` accepts
     ``EDMEulerScheduler`` and ``EDMDPMSolverMultistepScheduler`` configs (Playground v2.5, CosXL), ignoring their
@@ -113,11 +135,12 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
         rho (`float`, defaults to 7.0): the Karras grid's exponent.
         final_sigmas_type (`str`, defaults to `"zero"`): the level after the last timestep: `"zero"` (clean data)
             or `"sigma_min"` (then the last interval has zero length and its step is the gamma correction alone).
+        solver (`str`, defaults to `"euler"`): the forward increment: `"euler"` (one model call per level) or
+            `"heun"` (EDM's second-order step, two calls per level but the last; see above for the accuracy).
     """
 
     _compatibles: ClassVar[list[str]] = ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"]
     _supports_ve = True
-    order = 2
 
     @register_to_config
     def __init__(
@@ -131,9 +154,11 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
         prediction_type: Literal["epsilon", "v_prediction"] = "epsilon",
         rho: float = 7.0,
         final_sigmas_type: Literal["zero", "sigma_min"] = "zero",
+        solver: Literal["euler", "heun"] = "euler",
     ):
         self.register_to_config(gamma=checked_gamma(gamma))  # a plain float in the saved config
         for name, value, allowed in (
+            ("solver", solver, SOLVERS),
             ("prediction_type", prediction_type, PREDICTION_TYPES_EDM),
             ("sigma_schedule", sigma_schedule, SIGMA_SCHEDULES),
             ("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES),
@@ -172,6 +197,15 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
         return False
 
     @property
+    def order(self) -> int:
+        """Model calls per interval, as pipelines read it: 1 for ``solver="euler"``, 2 for ``"heun"``."""
+        return 2 if self.config.solver == "heun" else 1
+
+    @property
+    def _heun(self) -> bool:
+        return self.config.solver == "heun"
+
+    @property
     def init_noise_sigma(self) -> float:
         """``sqrt(sigma_max^2 + 1)``, as EDMEulerScheduler (pipelines scale unit noise by it)."""
         return (self.config.sigma_max**2 + 1) ** 0.5
@@ -197,11 +231,11 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
         the first ``step`` of the next run, which must be made either
 
         * with ``sample`` equal to ``upper_sample`` (a stock pipeline called with ``latents=upper_sample``): that
-          call and the next one (the Heun slot of the skipped interval) ignore the model output and return
-          ``lower_sample``, and the following step applies BDIA (two wasted model calls); or
+          call (and with Heun the next one, the second slot of the skipped interval) ignores the model output and
+          returns ``lower_sample``, and the following step applies BDIA (one or two wasted model calls); or
         * with ``sample`` equal to ``lower_sample`` at its own level's timestep (a custom loop that starts there,
-          found by ``index_for_timestep`` or ``set_begin_index(2 k)``): the step applies BDIA with ``x_{k-1} =
-          upper_sample`` directly.
+          found by ``index_for_timestep``, or ``set_begin_index(k)``, ``2 k`` for Heun): the step applies BDIA
+          with ``x_{k-1} = upper_sample`` directly.
 
         The pair must come from the same grid, ``gamma`` and model as the run (for example from
         :meth:`inverse_step`); the first step checks only that ``sample`` is one of the two, up to a few roundings
@@ -260,16 +294,22 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
         self.num_inference_steps = n
         self.level_sigmas = levels
         self.level_timesteps = ts.to(device)
-        # HeunDiscreteScheduler's layout: every level after the first is visited twice (predictor, then next state)
-        self.timesteps = torch.cat([ts[:1], ts[1:].repeat_interleave(2)]).to(device)
-        self.sigmas = torch.cat([levels[:1], levels[1:-1].repeat_interleave(2), levels[-1:]]).float()
+        if self._heun:
+            # HeunDiscreteScheduler's layout: every level after the first is visited twice (predictor, next state)
+            self.timesteps = torch.cat([ts[:1], ts[1:].repeat_interleave(2)]).to(device)
+            self.sigmas = torch.cat([levels[:1], levels[1:-1].repeat_interleave(2), levels[-1:]]).float()
+        else:  # EDMEulerScheduler's own layout
+            self.timesteps = ts.to(device)
+            self.sigmas = levels.float()
         self._level_floats = [float(s) for s in levels]  # host-side scalars: no device sync inside step
         self._step_index = None
         self._begin_index = None
         self._reset_state()
 
     def _level_of_call(self, index: int) -> tuple[int, bool]:
-        """Call ``index`` of the Heun layout -> (level k of the interval k -> k+1, whether it is the second call)."""
+        """Call ``index`` -> (level k of the interval k -> k+1, whether it is the second call of a Heun step)."""
+        if not self._heun:
+            return index, False
         return index // 2, index % 2 == 1
 
     def _level_index(self, timestep: Any) -> int:
@@ -287,7 +327,9 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
         ``timestep`` without starting a run.
         """
         if self._step_index is not None and self.timesteps is not None and self._step_index < len(self.timesteps):
-            sigma = self._level_floats[(self._step_index + 1) // 2]  # call c is made at level (c + 1) // 2
+            # Heun: call c is made at level (c + 1) // 2 (the second call at the predictor's level)
+            call = self._step_index
+            sigma = self._level_floats[(call + 1) // 2 if self._heun else call]
         else:
             sigma = self._level_floats[self._level_index(timestep)]
         return sample * (1.0 / math.sqrt(sigma**2 + self.config.sigma_data**2))
@@ -367,7 +409,7 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
             if _matches(sample, pair_upper):  # a pipeline starting at x_{k-1}: hand back x_k, BDIA from level k + 1
                 denoised = self._denoised(model_output, sample, self._level_floats[k])
                 self._upper_sample = pair_upper
-                self._pair_lower = None if last else pair_lower
+                self._pair_lower = pair_lower if self._heun and not last else None
                 return self._finish(pair_lower.double(), denoised, sample.dtype, return_dict)
             if not _matches(sample, pair_lower):
                 raise ValueError("the first step after set_inversion_pair must start from one of the injected samples")
@@ -375,7 +417,7 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
                 raise ValueError("a BDIA step needs the level above it, so it cannot be made at the first timestep")
             self._upper_sample = pair_upper  # a custom loop starting at x_k
         denoised, derivative = self._derivative_at(model_output, sample, k)
-        if not last:  # first call of a Heun step: keep (x_k, d_k) and ask for the model at the predictor
+        if self._heun and not last:  # first call of a Heun step: keep (x_k, d_k), ask for the model at the predictor
             self._current, self._derivative = sample, derivative
             return self._finish(self._predictor(sample, derivative, k), denoised, sample.dtype, return_dict)
         delta_f, _ = self._forward_increment(sample, derivative, k, None, None)
@@ -435,10 +477,11 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
         Returns:
             `BDIAEDMPredictorOutput` (``sample``, ``timestep``): evaluate the model there (after
             ``scale_model_input(sample, timestep)``) and pass its output as ``predictor_output``; ``None`` on the
-            last level, whose step is a single Euler call. The run's step index is not touched.
+            last level, whose step is a single Euler call, and always with ``solver="euler"``. The run's step index is
+            not touched.
         """
         k = self._level_index(timestep)
-        if k == self.num_inference_steps - 1:
+        if not self._heun or k == self.num_inference_steps - 1:
             return None
         _, derivative = self._derivative_at(model_output, sample, k)
         return BDIAEDMPredictorOutput(
@@ -481,9 +524,9 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
         k = self._level_index(timestep)
         if k == 0:
             raise ValueError("inverse_step needs the level above `timestep`: it cannot invert the first timestep")
-        last = k == self.num_inference_steps - 1
+        last = not self._heun or k == self.num_inference_steps - 1
         if last and predictor_output is not None:
-            raise ValueError("predictor_output must be None on the last level: its step is a single Euler call")
+            raise ValueError("predictor_output must be None for an Euler step (solver='euler', or the last level)")
         if not last and predictor_output is None:
             raise ValueError("predictor_output is required: the Heun step needs the model at heun_predictor's point")
         denoised, derivative = self._derivative_at(model_output, sample, k)
