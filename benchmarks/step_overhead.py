@@ -28,11 +28,14 @@ SD_CONFIG = dict(
 
 def candidates() -> dict[str, Callable[[dict], Any]]:
     """The schedulers to time, by name (DPMSolverMultistep first: the yardstick)."""
-    from diffsamplers import BDIAScheduler, DualFastScheduler, LMLScheduler
+    from diffsamplers import BDIAEDMScheduler, BDIAScheduler, DualFastScheduler, LMLScheduler
 
     return {
         "dpmsolver++2M (diffusers)": lambda c: DPMSolverMultistepScheduler.from_config(c),
         "BDIA": lambda c: BDIAScheduler.from_config(c, gamma=0.5),
+        # EDM models have EDM configs: the default one (EDMEulerScheduler's) on the same latent
+        "BDIA-EDM (Euler)": lambda c: BDIAEDMScheduler(gamma=0.5),
+        "BDIA-EDM (Heun)": lambda c: BDIAEDMScheduler(gamma=0.5, solver="heun"),  # per call: 2 per interval
         "DualFast (DPM++2M)": lambda c: DualFastScheduler.from_config(c),
         "LML (DPM++2M, kappa 0.5)": lambda c: LMLScheduler.from_config(c, lm_lambda=10.0, lm_kappa=0.5),
         # the same without the fused Triton correction (they differ on CUDA only)

@@ -100,7 +100,8 @@ def test_matches_reference_edm_sampler_and_bdia_update(toy, solver, schedule, ga
     states, calls = sample_levels(scheduler, toy, x, n)
     assert calls == toy.num_calls - before == (2 * n - 1 if solver == "heun" else n)
     assert states[-1].dtype == torch.float64
-    torch.testing.assert_close(states[-1], expected, rtol=0, atol=1e-12)
+    # the same maths up to float64 rounding of the start's scale (80), amplified a little by the recursion
+    torch.testing.assert_close(states[-1], expected, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("solver", ["euler", "heun"])

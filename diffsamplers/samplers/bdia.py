@@ -17,6 +17,7 @@ linear in ``(z_{i+1}, z_i, eps_i)``, so ``z_{i+1}`` is recovered exactly from ``
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -125,8 +126,7 @@ class BDIAScheduler(DiffSamplersScheduler):
         self.register_to_config(gamma=checked_gamma(gamma))  # a plain float in the saved config
         self._validate_common_config()
         self._pending_pair: tuple[torch.Tensor, torch.Tensor] | None = None
-        # two float64 latents reused by the linear step (see `_workspace`); kept across runs of one shape
-        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._workspace = LinearWorkspace()  # float64 buffers of the linear step, kept across runs of one shape
         self._reset_state()
 
     # -- per-run state ------------------------------------------------------------------------------------------
@@ -242,9 +242,9 @@ class BDIAScheduler(DiffSamplersScheduler):
         (:func:`~diffsamplers.schedule.prediction_coefficients`), so the spec's coefficient form (§1.2),
         ``z_{i-1} = gamma z_{i+1} + A x0 + B eps`` with ``A = a_{i-1} - gamma a_{i+1}`` and
         ``B = s_{i-1} - gamma s_{i+1}``, is ``gamma z_{i+1} + c_out model_output + c_x z_i``. It is accumulated in
-        two reused float64 buffers instead of materialising ``x0``, ``eps`` and both DDIM transports in fresh float64
-        tensors, which made the step several times the cost of a DPMSolver step on large latents. ``z_i`` is kept
-        in float64 as the next step's ``z_{i+1}``.
+        two reused float64 buffers (:class:`LinearWorkspace`) instead of materialising ``x0``, ``eps`` and both DDIM
+        transports in fresh float64 tensors, which made the step several times the cost of a DPMSolver step on large
+        latents. ``z_i`` is kept in float64 as the next step's ``z_{i+1}``.
         """
         a_t, s_t = self._level(self.alpha_t, index), self._level(self.sigma_t, index)
         a_lo, s_lo = self._level(self.alpha_next, index), self._level(self.sigma_next, index)
@@ -253,22 +253,14 @@ class BDIAScheduler(DiffSamplersScheduler):
         k_x0, k_eps = a_lo - gamma * a_up, s_lo - gamma * s_up
         c_out, c_x = k_x0 * x0_out + k_eps * eps_out, k_x0 * x0_x + k_eps * eps_x
 
-        acc, spare = self._workspace(sample)
-        if upper is not acc:  # z_{i+1} not yet held in our float64 buffer (the second step, an injected pair)
-            acc.copy_(upper)
-        acc.mul_(gamma)
-        spare.copy_(model_output)
-        acc.add_(spare, alpha=c_out)
-        spare.copy_(sample)  # z_i in float64: added now and kept as the next step's z_{i+1}
-        acc.add_(spare, alpha=c_x)
         dtype = model_output.dtype
-        prev_sample = acc.to(dtype, copy=True)  # a copy even for float64: acc is overwritten by the next step
-        self._buffers = (spare, acc)
+        prev_sample, self._upper_sample = self._workspace.combine(
+            upper, gamma, [(model_output, c_out)], sample, c_x, dtype
+        )
         # pred_original_sample in the model's dtype (at least float32), as DDIMScheduler returns it; one pass on the
         # inputs rather than a float64 x0 and its cast
         compute = torch.promote_types(dtype, torch.float32)
         x0 = (model_output.to(compute) * x0_out).add_(sample.to(compute), alpha=x0_x).to(dtype)
-        self._upper_sample = spare
         self._step_index += 1
         if not return_dict:
             return (prev_sample, x0)
@@ -292,15 +284,6 @@ class BDIAScheduler(DiffSamplersScheduler):
     @staticmethod
     def _level(table: torch.Tensor, index: int) -> float:
         return float(table[index])
-
-    def _workspace(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two float64 buffers shaped like ``like``, reused across steps (and runs) of one latent shape, so that the
-        float64 combination allocates nothing per step."""
-        buffers = self._buffers
-        if buffers is None or buffers[0].shape != like.shape or buffers[0].device != like.device:
-            buffers = tuple(torch.empty(like.shape, dtype=torch.float64, device=like.device) for _ in range(2))
-            self._buffers = buffers
-        return buffers
 
     # -- inversion ----------------------------------------------------------------------------------------------
 
@@ -353,6 +336,44 @@ class BDIAScheduler(DiffSamplersScheduler):
         if not return_dict:
             return (upper, x0)
         return BDIAInverseOutput(upper_sample=upper, pred_original_sample=x0)
+
+
+class LinearWorkspace:
+    """Two float64 latents, reused across steps (and runs) of one latent shape, in which a BDIA step forms
+    ``gamma * upper + sum_j c_j * term_j + c_keep * keep`` without allocating anything per step."""
+
+    def __init__(self) -> None:
+        self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def combine(
+        self,
+        upper: torch.Tensor | None,
+        gamma: float,
+        terms: Sequence[tuple[torch.Tensor, float]],
+        keep: torch.Tensor,
+        c_keep: float,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The combination in float64, cast to ``dtype`` (a fresh tensor), and ``keep`` in float64 (one of the
+        buffers: the next step's ``upper``, valid until the step after it). ``upper=None`` drops that term."""
+        buffers = self.buffers
+        if buffers is None or buffers[0].shape != keep.shape or buffers[0].device != keep.device:
+            buffers = tuple(torch.empty(keep.shape, dtype=torch.float64, device=keep.device) for _ in range(2))
+        acc, spare = buffers
+        if upper is None:
+            (first, c_first), terms = terms[0], terms[1:]
+            acc.copy_(first).mul_(c_first)
+        else:
+            if upper is not acc:  # upper not yet held in our buffer (a run's second step, an injected pair)
+                acc.copy_(upper)
+            acc.mul_(gamma)
+        for term, coefficient in terms:  # each converted into the spare buffer: no float64 temporaries
+            spare.copy_(term)
+            acc.add_(spare, alpha=coefficient)
+        spare.copy_(keep)  # added now and kept as the next step's upper
+        acc.add_(spare, alpha=c_keep)
+        self.buffers = (spare, acc)
+        return acc.to(dtype, copy=True), spare  # a copy even for float64: acc is overwritten by the next step
 
 
 def checked_gamma(gamma: float) -> float:

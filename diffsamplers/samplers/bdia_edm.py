@@ -37,7 +37,7 @@ from diffusers.utils import BaseOutput
 
 from ..schedule import config_family
 from .base import DiffSamplersScheduler, DiffSamplersSchedulerOutput
-from .bdia import BDIAInverseOutput, checked_gamma, checked_pair
+from .bdia import BDIAInverseOutput, LinearWorkspace, checked_gamma, checked_pair
 
 PREDICTION_TYPES_EDM = ("epsilon", "v_prediction")
 SIGMA_SCHEDULES = ("karras", "exponential")
@@ -178,6 +178,7 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
         self._step_index: int | None = None
         self._begin_index: int | None = None
         self._pending_pair: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._workspace = LinearWorkspace()  # float64 buffers of the Euler form's step, kept across runs
         self._reset_state()
 
     @classmethod
@@ -215,7 +216,7 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
     def _reset_state(self) -> None:
         self._upper_sample: torch.Tensor | None = None  # x_{k-1}: the previous state of this run
         self._current: torch.Tensor | None = None  # x_k between the two calls of a Heun step
-        self._derivative: torch.Tensor | None = None  # d_k (float64) between the two calls
+        self._first_output: torch.Tensor | None = None  # the model output at x_k, between the two calls
         self._pair_lower: torch.Tensor | None = None  # an injected x_k handed back again by the wasted second call
 
     def reset(self) -> None:
@@ -334,13 +335,15 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
             sigma = self._level_floats[self._level_index(timestep)]
         return sample * (1.0 / math.sqrt(sigma**2 + self.config.sigma_data**2))
 
-    def _denoised(self, model_output: torch.Tensor, sample: torch.Tensor, sigma: float) -> torch.Tensor:
-        """EDM's ``D(x; sigma) = c_skip x + c_out F`` in float64 (EDMEulerScheduler.precondition_outputs)."""
+    def _preconditioning(self, sigma: float) -> tuple[float, float]:
+        """EDM's ``(c_skip, c_out)`` at ``sigma`` (EDMEulerScheduler.precondition_outputs)."""
         sd2 = self.config.sigma_data**2
-        c_skip = sd2 / (sigma**2 + sd2)
         c_out = sigma * self.config.sigma_data / math.sqrt(sigma**2 + sd2)
-        if self.config.prediction_type == "v_prediction":
-            c_out = -c_out
+        return sd2 / (sigma**2 + sd2), -c_out if self.config.prediction_type == "v_prediction" else c_out
+
+    def _denoised(self, model_output: torch.Tensor, sample: torch.Tensor, sigma: float) -> torch.Tensor:
+        """EDM's ``D(x; sigma) = c_skip x + c_out F`` in float64."""
+        c_skip, c_out = self._preconditioning(sigma)
         return c_skip * sample.double() + c_out * model_output.double()
 
     def _derivative_at(self, model_output: torch.Tensor, sample: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
@@ -349,11 +352,26 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
         denoised = self._denoised(model_output, sample, sigma)
         return denoised, (sample.double() - denoised) / sigma
 
-    def _predictor(self, sample: torch.Tensor, derivative: torch.Tensor, k: int) -> torch.Tensor:
-        """Heun's Euler predictor ``x_k + (sigma_{k+1} - sigma_k) d_k`` in the sample's dtype: the second call's
-        input, the same tensor in sampling and inversion."""
+    def _slope_coefficients(self, k: int) -> tuple[float, float]:
+        """``(a_x, a_F)`` with ``d = (x - D(x; sigma_k)) / sigma_k = a_x x + a_F F``: ``a_x = (1 - c_skip) / sigma_k
+        = sigma_k / (sigma_k^2 + sigma_data^2)`` (no cancellation) and ``a_F = -c_out / sigma_k``."""
+        sigma = self._level_floats[k]
+        return sigma / (sigma**2 + self.config.sigma_data**2), -self._preconditioning(sigma)[1] / sigma
+
+    def _denoised_output(self, model_output: torch.Tensor, sample: torch.Tensor, k: int) -> torch.Tensor:
+        """``D(x; sigma_k)`` for ``pred_original_sample``: in ``sample``'s dtype, one pass in at least float32."""
+        c_skip, c_out = self._preconditioning(self._level_floats[k])
+        compute = torch.promote_types(sample.dtype, torch.float32)
+        return (model_output.to(compute) * c_out).add_(sample.to(compute), alpha=c_skip).to(sample.dtype)
+
+    def _predictor(self, sample: torch.Tensor, model_output: torch.Tensor, k: int) -> torch.Tensor:
+        """Heun's Euler predictor ``x_k + h d_k = (1 + h a_x) x_k + h a_F F`` (``h = sigma_{k+1} - sigma_k``) in the
+        sample's dtype, computed in at least float32: the second call's input. Sampling and inversion both call this
+        function, so the model sees the same point in both."""
         h = self._level_floats[k + 1] - self._level_floats[k]
-        return (sample.double() + h * derivative).to(sample.dtype)
+        a_x, a_f = self._slope_coefficients(k)
+        compute = torch.promote_types(sample.dtype, torch.float32)
+        return (model_output.to(compute) * (h * a_f)).add_(sample.to(compute), alpha=1.0 + h * a_x).to(sample.dtype)
 
     def _forward_increment(
         self, sample: torch.Tensor, derivative: torch.Tensor, k: int, predictor: torch.Tensor | None, out2: Any
@@ -407,60 +425,82 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
             pair_upper, pair_lower = self._pending_pair
             self._pending_pair = None
             if _matches(sample, pair_upper):  # a pipeline starting at x_{k-1}: hand back x_k, BDIA from level k + 1
-                denoised = self._denoised(model_output, sample, self._level_floats[k])
                 self._upper_sample = pair_upper
                 self._pair_lower = pair_lower if self._heun and not last else None
-                return self._finish(pair_lower.double(), denoised, sample.dtype, return_dict)
+                return self._output(
+                    pair_lower.to(sample.dtype), self._denoised_output(model_output, sample, k), return_dict
+                )
             if not _matches(sample, pair_lower):
                 raise ValueError("the first step after set_inversion_pair must start from one of the injected samples")
             if k == 0:
                 raise ValueError("a BDIA step needs the level above it, so it cannot be made at the first timestep")
             self._upper_sample = pair_upper  # a custom loop starting at x_k
-        denoised, derivative = self._derivative_at(model_output, sample, k)
-        if self._heun and not last:  # first call of a Heun step: keep (x_k, d_k), ask for the model at the predictor
-            self._current, self._derivative = sample, derivative
-            return self._finish(self._predictor(sample, derivative, k), denoised, sample.dtype, return_dict)
-        delta_f, _ = self._forward_increment(sample, derivative, k, None, None)
-        return self._finish(self._combine(sample, derivative, delta_f, k), denoised, sample.dtype, return_dict)
+        if not self._heun or last:  # Euler, and Heun's last interval (Algorithm 1 steps into sigma_N by Euler)
+            return self._euler_step(model_output, sample, k, return_dict)
+        # the first call of a Heun step: keep (x_k, F_k) and ask for the model at the predictor
+        self._current, self._first_output = sample, model_output
+        predictor = self._predictor(sample, model_output, k)
+        return self._output(predictor, self._denoised_output(model_output, sample, k), return_dict)
+
+    def _euler_step(
+        self, model_output: torch.Tensor, sample: torch.Tensor, k: int, return_dict: bool
+    ) -> DiffSamplersSchedulerOutput | tuple:
+        """The Euler form as one float64 linear combination of ``(x_{k-1}, F, x_k)`` with host-side coefficients.
+
+        ``d_k = a_x x_k + a_F F`` with ``a_x = (1 - c_skip) / sigma_k = sigma_k / (sigma_k^2 + sigma_data^2)`` and
+        ``a_F = -c_out / sigma_k``, so the update is ``x_{k+1} = gamma x_{k-1} + ((1 - gamma) + s a_x) x_k + s a_F F``
+        with ``s = h_f - gamma h_b``; it is accumulated in reused float64 buffers (as BDIA-DDIM's linear step), not
+        through fresh float64 temporaries for ``D``, ``d_k`` and both increments.
+        """
+        gamma, upper, slope = self._bdia_terms(k, self._level_floats[k + 1] - self._level_floats[k])
+        a_x, a_f = self._slope_coefficients(k)
+        prev_sample, self._upper_sample = self._workspace.combine(
+            upper, gamma, [(model_output, slope * a_f)], sample, (1.0 - gamma) + slope * a_x, sample.dtype
+        )
+        return self._output(prev_sample, self._denoised_output(model_output, sample, k), return_dict)
+
+    def _bdia_terms(self, k: int, slope: float) -> tuple[float, torch.Tensor | None, float]:
+        """``(gamma, x_{k-1}, slope - gamma h_b)``: the weight of the run's previous state and the net weight of
+        ``d_k`` in the update; ``(0, None, slope)`` on a run's first interval and for ``gamma = 0``."""
+        gamma, upper = float(self.config.gamma), self._upper_sample
+        if upper is None or gamma == 0.0:
+            return 0.0, None, slope
+        return gamma, upper, slope - gamma * (self._level_floats[k - 1] - self._level_floats[k])
+
+    def _output(
+        self, prev_sample: torch.Tensor, denoised: torch.Tensor, return_dict: bool
+    ) -> DiffSamplersSchedulerOutput | tuple:
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample, denoised)
+        return DiffSamplersSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
 
     def _second_call(
         self, model_output: torch.Tensor, sample: torch.Tensor, k: int, return_dict: bool
     ) -> DiffSamplersSchedulerOutput | tuple:
         if self._pair_lower is not None:  # the Heun slot of an interval skipped by an injected pair
             lower, self._pair_lower = self._pair_lower, None
-            denoised = self._denoised(model_output, sample, self._level_floats[k + 1])
-            return self._finish(lower.double(), denoised, sample.dtype, return_dict)
+            return self._output(
+                lower.to(sample.dtype), self._denoised_output(model_output, sample, k + 1), return_dict
+            )
         if self._current is None:
             raise ValueError(
                 "this call is the second (corrector) call of a Heun step, but no first call preceded it: "
                 "a run must begin at a first call (index_for_timestep finds one; set_begin_index takes an even index)"
             )
-        current, derivative = self._current, self._derivative
-        self._current = self._derivative = None
-        delta_f, denoised = self._forward_increment(current, derivative, k, sample, model_output)
-        return self._finish(self._combine(current, derivative, delta_f, k), denoised, sample.dtype, return_dict)
-
-    def _combine(self, sample: torch.Tensor, derivative: torch.Tensor, delta_f: torch.Tensor, k: int) -> torch.Tensor:
-        """The BDIA update in float64: ``x_{k+1} = x_k + Delta_f + gamma (x_{k-1} - x_k - Delta_b)``; plain EDM
-        (Heun or the final Euler) on a run's first interval and for ``gamma = 0``. Stores ``x_k`` as the next
-        step's ``x_{k-1}``."""
-        gamma, upper = float(self.config.gamma), self._upper_sample
-        x = sample.double()
-        out = x + delta_f
-        if upper is not None and gamma != 0.0:
-            delta_b = self._backward_increment(derivative, k)
-            out = out + gamma * (upper.to(x.device, torch.float64) - x - delta_b)
-        self._upper_sample = sample
-        return out
-
-    def _finish(
-        self, prev_sample: torch.Tensor, denoised: torch.Tensor, dtype: torch.dtype, return_dict: bool
-    ) -> DiffSamplersSchedulerOutput | tuple:
-        self._step_index += 1
-        prev_sample, denoised = prev_sample.to(dtype), denoised.to(dtype)
-        if not return_dict:
-            return (prev_sample, denoised)
-        return DiffSamplersSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
+        current, first_output = self._current, self._first_output
+        self._current = self._first_output = None
+        # x_{k+1} = x_k + h (d_k + d') / 2 + gamma (x_{k-1} - x_k - h_b d_k), with d_k = a_x x_k + a_F F_k and the
+        # predictor's d' = b_x p + b_F F': one float64 combination of (x_{k-1}, F_k, p, F', x_k)
+        h = self._level_floats[k + 1] - self._level_floats[k]
+        gamma, upper, slope = self._bdia_terms(k, 0.5 * h)
+        a_x, a_f = self._slope_coefficients(k)
+        b_x, b_f = self._slope_coefficients(k + 1)
+        terms = [(first_output, slope * a_f), (sample, 0.5 * h * b_x), (model_output, 0.5 * h * b_f)]
+        prev_sample, self._upper_sample = self._workspace.combine(
+            upper, gamma, terms, current, (1.0 - gamma) + slope * a_x, current.dtype
+        )
+        return self._output(prev_sample, self._denoised_output(model_output, sample, k + 1), return_dict)
 
     # -- inversion ----------------------------------------------------------------------------------------------
 
@@ -483,9 +523,8 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
         k = self._level_index(timestep)
         if not self._heun or k == self.num_inference_steps - 1:
             return None
-        _, derivative = self._derivative_at(model_output, sample, k)
         return BDIAEDMPredictorOutput(
-            sample=self._predictor(sample, derivative, k), timestep=self.level_timesteps[k + 1]
+            sample=self._predictor(sample, model_output, k), timestep=self.level_timesteps[k + 1]
         )
 
     def inverse_step(
@@ -530,7 +569,7 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
         if not last and predictor_output is None:
             raise ValueError("predictor_output is required: the Heun step needs the model at heun_predictor's point")
         denoised, derivative = self._derivative_at(model_output, sample, k)
-        predictor = None if last else self._predictor(sample, derivative, k)
+        predictor = None if last else self._predictor(sample, model_output, k)
         delta_f, _ = self._forward_increment(sample, derivative, k, predictor, predictor_output)
         x = sample.double()
         # spec §1.4 with EDM's increments, in float64
