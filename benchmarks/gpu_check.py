@@ -73,9 +73,9 @@ def main() -> None:
         result["lml_fused"] = lml_fused_check()
         for r in result["lml_fused"]:
             print(
-                f"  LML fused vs eager, {r['base']} ({r['placement']}, {r['dtype']}): relative difference "
-                f"{r['relative_difference']:.2e}, fused={r['fused']}, syncs in the steps: {r['syncs']} "
-                f"(base alone: {r['syncs_base_alone']})"
+                f"  LML fused vs eager, {r['base']} ({r['placement']}, {r['dtype']}, {r['shape']}): "
+                f"relative difference {r['relative_difference']:.2e}, fused={r['fused']}, "
+                f"syncs in the steps: {r['syncs']} (base alone: {r['syncs_base_alone']})"
             )
         print(f"({time.perf_counter() - start:.0f} s)", flush=True)
         save()
@@ -102,7 +102,7 @@ def lml_fused_check(steps: int = 20, shape: tuple = (2, 4, 64, 64)) -> list[dict
 
     from diffsamplers import LMLScheduler
 
-    def run(scheduler, dtype: torch.dtype, debug: bool = False) -> torch.Tensor | str:
+    def run(scheduler, dtype: torch.dtype, debug: bool = False, shape: tuple = shape) -> torch.Tensor | str:
         scheduler.set_timesteps(steps, device="cuda")
         if hasattr(scheduler, "set_begin_index"):  # DDIMScheduler has none
             scheduler.set_begin_index(0)
@@ -123,26 +123,33 @@ def lml_fused_check(steps: int = 20, shape: tuple = (2, 4, 64, 64)) -> list[dict
         return "none" if debug else x.float()
 
     rows = []
-    for base in (DPMSolverMultistepScheduler(), DDIMScheduler(), FlowMatchEulerDiscreteScheduler(shift=3.0)):
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            scheduler = LMLScheduler.from_config(
-                base.config, base_scheduler=type(base).__name__, lm_lambda=10.0, lm_kappa=0.5
+    cases = [
+        (base, dtype, shape)
+        for base in (DPMSolverMultistepScheduler(), DDIMScheduler(), FlowMatchEulerDiscreteScheduler(shift=3.0))
+        for dtype in (torch.float32, torch.float16, torch.bfloat16)
+    ]
+    # rows longer than _lml_triton._ROW_MAX take the two-launch kernels
+    cases.append((DPMSolverMultistepScheduler(), torch.float32, (2, 16, 128, 128)))
+    for base, dtype, shape in cases:
+        scheduler = LMLScheduler.from_config(
+            base.config, base_scheduler=type(base).__name__, lm_lambda=10.0, lm_kappa=0.5
+        )
+        scheduler.fused_kernels = False
+        eager = run(scheduler, dtype, shape=shape)
+        scheduler.fused_kernels = True
+        fused = run(scheduler, dtype, shape=shape)
+        rows.append(
+            dict(
+                base=type(base).__name__,
+                placement=scheduler.lm_placement,
+                dtype=str(dtype).split(".")[-1],
+                shape="x".join(map(str, shape)),
+                fused=scheduler._fused is not None,
+                relative_difference=float((fused - eager).abs().max() / eager.abs().max()),
+                syncs=run(scheduler, dtype, debug=True, shape=shape),
+                syncs_base_alone=run(type(base).from_config(base.config), dtype, debug=True, shape=shape),
             )
-            scheduler.fused_kernels = False
-            eager = run(scheduler, dtype)
-            scheduler.fused_kernels = True
-            fused = run(scheduler, dtype)
-            rows.append(
-                dict(
-                    base=type(base).__name__,
-                    placement=scheduler.lm_placement,
-                    dtype=str(dtype).split(".")[-1],
-                    fused=scheduler._fused is not None,
-                    relative_difference=float((fused - eager).abs().max() / eager.abs().max()),
-                    syncs=run(scheduler, dtype, debug=True),
-                    syncs_base_alone=run(type(base).from_config(base.config), dtype, debug=True),
-                )
-            )
+        )
     return rows
 
 

@@ -32,7 +32,9 @@ SCRIPT = textwrap.dedent(
         assert err <= rel * scale, f"{name}: max error {err:.3g} at scale {scale:.3g}"
 
     gen = torch.Generator().manual_seed(0)
-    for shape in [(3, 10000), (2, 4, 8, 8)]:
+    # both layouts: one program per row (rows up to _ROW_MAX elements), and the two-launch partial sums
+    for row_max, shape in [(1 << 17, (3, 10000)), (1 << 17, (2, 4, 8, 8)), (0, (3, 10000)), (0, (2, 4, 8, 8))]:
+        _lml_triton._ROW_MAX = row_max
         g, g_prev, x = (torch.randn(shape, generator=gen) for _ in range(3))
         g[1] = 0.0  # LM(0) = 0, no division by zero
         for lam, kappa in [(10.0, 0.5), (0.1, 0.9), (1e3, 0.1)]:
@@ -47,6 +49,7 @@ SCRIPT = textwrap.dedent(
             close(stored, prev - c * x, "stored g")
             close(out, prev + w * (lm_correct(prev - c * x, g_prev, lam, kappa) - (prev - c * x)), "increment")
 
+    _lml_triton._ROW_MAX = 1 << 17
     LMLScheduler._fused_devices = ("cuda", "cpu")
 
     def run(scheduler, fused, steps=6, shape=(2, 4, 16, 16), dtype=torch.float32):

@@ -3,7 +3,10 @@
 
 On a GPU the eager correction of :class:`~diffsamplers.samplers.lml.LMLScheduler` is launch-bound: the direction,
 its float64 copy, the Gram product, two dozen scalar operations on ``(B,)`` tensors for the coefficients and the
-update are about thirty kernels, each far shorter than its launch. Here the same arithmetic takes two:
+update are about thirty kernels, each far shorter than its launch. Here the same arithmetic takes one launch for
+rows (samples) of up to ``_ROW_MAX`` elements, an SD/SDXL latent: ``_row_kernel``, one program per row, reads the
+row once for the three dot products and once more for the update (about 10 us of one SM for a 4x128x128 row, far
+less than a launch costs the host). Longer rows take two launches over the whole GPU:
 
 1. ``_gram_kernel``: forms ``g = p * u + q * v`` (the increment ``prev - c * x``; or ``g = u`` when the direction is
    already a tensor), stores it if asked, and accumulates ``<g, g>``, ``<g, g_prev>`` and ``<g_prev, g_prev>`` in
@@ -26,6 +29,75 @@ import triton.language as tl
 # elements per program and loop iteration; partial sums per row at most (larger rows loop inside a program)
 _BLOCK = 1024
 _MAX_PARTIALS = 256
+# rows up to this many elements take the single-launch kernel
+_ROW_MAX = 1 << 17
+_ROW_BLOCK = 2048
+
+
+@triton.jit
+def _coefficients(gg, gp, pp, lam, kappa):
+    """``(A - 1, B)`` of ``LM(g) = A g + B (g_prev - g)`` in float64: lml._lm_coefficients, term for term."""
+    g_delta = gp - gg  # delta = g_prev - g, u = g + kappa delta, r = kappa delta
+    delta_delta = (pp - gp) - g_delta
+    u_g = gg + kappa * g_delta
+    u_r = kappa * (g_delta + kappa * delta_delta)
+    det = tl.maximum(gg * pp - gp * gp, 0.0)
+    d_sq = lam * lam * gg + (kappa * kappa) * det * (u_g + u_r + 2.0 * lam)
+    scale = tl.sqrt(gg / tl.maximum(d_sq, 2.2250738585072014e-308))  # |g| / |d|; LM(0) = 0
+    return scale * (u_r + lam) - 1.0, -kappa * scale * u_g
+
+
+@triton.jit
+def _row_kernel(
+    u_ptr,
+    v_ptr,
+    g_prev_ptr,
+    g_ptr,
+    base_ptr,
+    out_ptr,
+    parameter_ptr,
+    p,
+    q,
+    weight,
+    n,
+    BLOCK: tl.constexpr,
+    STORE_G: tl.constexpr,
+):
+    row_start = tl.program_id(0).to(tl.int64) * n
+    acc_gg = tl.zeros([BLOCK], dtype=tl.float64)
+    acc_gp = tl.zeros([BLOCK], dtype=tl.float64)
+    acc_pp = tl.zeros([BLOCK], dtype=tl.float64)
+    # first pass, read only: the three dot products of the row
+    for start in range(0, n, BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        mask = offsets < n
+        u = tl.load(u_ptr + row_start + offsets, mask=mask, other=0.0).to(g_prev_ptr.dtype.element_ty)
+        v = tl.load(v_ptr + row_start + offsets, mask=mask, other=0.0).to(g_prev_ptr.dtype.element_ty)
+        g64 = (u * p + v * q).to(tl.float64)
+        g_prev64 = tl.load(g_prev_ptr + row_start + offsets, mask=mask, other=0.0).to(tl.float64)
+        acc_gg += g64 * g64
+        acc_gp += g64 * g_prev64
+        acc_pp += g_prev64 * g_prev64
+    a_minus_1, b = _coefficients(
+        tl.sum(acc_gg, axis=0),
+        tl.sum(acc_gp, axis=0),
+        tl.sum(acc_pp, axis=0),
+        tl.load(parameter_ptr),
+        tl.load(parameter_ptr + 1),
+    )
+    # second pass: every element is read and written by the same thread within one iteration, so out may be u
+    for start in range(0, n, BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        mask = offsets < n
+        u = tl.load(u_ptr + row_start + offsets, mask=mask).to(g_prev_ptr.dtype.element_ty)
+        v = tl.load(v_ptr + row_start + offsets, mask=mask).to(g_prev_ptr.dtype.element_ty)
+        g_prev = tl.load(g_prev_ptr + row_start + offsets, mask=mask)
+        base = tl.load(base_ptr + row_start + offsets, mask=mask).to(g_prev_ptr.dtype.element_ty)
+        g = u * p + v * q
+        if STORE_G:
+            tl.store(g_ptr + row_start + offsets, g, mask=mask)
+        out = base + weight * (a_minus_1.to(g.dtype) * g + b.to(g.dtype) * (g_prev - g))
+        tl.store(out_ptr + row_start + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -91,16 +163,7 @@ def _update_kernel(
     gg = tl.sum(tl.load(partials, mask=in_row, other=0.0), axis=0)
     gp = tl.sum(tl.load(partials + 1, mask=in_row, other=0.0), axis=0)
     pp = tl.sum(tl.load(partials + 2, mask=in_row, other=0.0), axis=0)
-    lam = tl.load(parameter_ptr)
-    kappa = tl.load(parameter_ptr + 1)
-    # lml._lm_coefficients, term for term: delta = g_prev - g, u = g + kappa delta, r = kappa delta
-    g_delta = gp - gg
-    delta_delta = (pp - gp) - g_delta
-    u_g = gg + kappa * g_delta
-    u_r = kappa * (g_delta + kappa * delta_delta)
-    det = tl.maximum(gg * pp - gp * gp, 0.0)
-    d_sq = lam * lam * gg + (kappa * kappa) * det * (u_g + u_r + 2.0 * lam)
-    scale = tl.sqrt(gg / tl.maximum(d_sq, 2.2250738585072014e-308))  # |g| / |d|; LM(0) = 0
+    a_minus_1, b = _coefficients(gg, gp, pp, tl.load(parameter_ptr), tl.load(parameter_ptr + 1))
     row_start = row.to(tl.int64) * n
     offsets = block * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
@@ -108,9 +171,7 @@ def _update_kernel(
     g_prev = tl.load(g_prev_ptr + row_start + offsets, mask=mask)
     base = tl.load(base_ptr + row_start + offsets, mask=mask)
     # the coefficients in the data's dtype, as the eager path applies them
-    a_minus_1 = (scale * (u_r + lam) - 1.0).to(g.dtype)
-    b = (-kappa * scale * u_g).to(g.dtype)
-    out = base + weight * (a_minus_1 * g + b * (g_prev - g))
+    out = base + weight * (a_minus_1.to(g.dtype) * g + b.to(g.dtype) * (g_prev - g))
     tl.store(out_ptr + row_start + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -159,6 +220,24 @@ class FusedCorrection:
             v, q = u, 0.0
         else:
             g = g_out
+        if self.n <= _ROW_MAX:
+            _row_kernel[(self.batch,)](
+                u,
+                v,
+                g_prev,
+                g,
+                u if base is None else base,  # base = None only with g = u
+                out,
+                self.parameters,
+                p,
+                q,
+                weight,
+                self.n,
+                BLOCK=_ROW_BLOCK,
+                STORE_G=g_out is not None,
+                num_warps=8,
+            )
+            return out
         grid = (self.num_partials, self.batch)
         _gram_kernel[grid](
             u, v, g_prev, g, self.partials, p, q, self.n, self.num_partials, BLOCK=_BLOCK, STORE_G=g_out is not None
