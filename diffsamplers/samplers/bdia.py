@@ -74,7 +74,7 @@ class BDIAScheduler(DiffSamplersScheduler):
     sigma grids of VP configs (``use_karras_sigmas=True``: DDIM is then EDM's Euler step in ``x / alpha``).
     EDM/VE configs (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``, with EDM's input/output
     preconditioning) have their own class: ``BDIAScheduler.from_config`` of one returns a
-    :class:`~diffsamplers.BDIAEDMScheduler` (BDIA on EDM's Heun sampler), so
+    :class:`~diffsamplers.BDIAEDMScheduler` (BDIA on EDM's Euler or Heun sampler), so
     ``pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config)`` works on EDM pipelines too.
 
     Args:
