@@ -79,7 +79,8 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
     (error ratio 4.1 per doubling of 80-320 levels on ``toy_2d``, where EDM Euler gives 1.95); Heun's forward step has
     no ``h^2`` term to cancel, so with ``gamma > 0`` the Euler ``Delta_b`` leaves ``gamma h_b^2 x'' / 2`` and the Heun
     form is first order (ratio 2.2 at ``gamma = 1``). Measured on the exact testbed (RMSE against ``exact_solution``
-    from sigma_0 = 80, 64 samples, default EDM config, ``GaussianMixtureModel.digits``) at equal model calls:
+    from sigma_0 = 80, 64 samples, default EDM config, ``GaussianMixtureModel.digits``;
+    ``benchmarks/bdia_edm_testbed.py``) at equal model calls:
 
     ==================  =======  =======  =======  =======
     model calls         5        9        19       39
