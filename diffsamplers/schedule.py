@@ -77,6 +77,17 @@ def config_family(config: Mapping[str, Any]) -> Literal["vp", "flow", "ve"]:
     return "vp"
 
 
+def is_edm_config(config: Mapping[str, Any]) -> bool:
+    """Whether a scheduler config is EDM's (Karras et al. 2022 preconditioning and ``c_noise = log(sigma) / 4``):
+    ``EDM*`` schedulers and ``BDIAEDMScheduler`` by ``_class_name`` (which loaded configs carry), or an unnamed
+    config with EDM's keys (``sigma_data`` and ``sigma_schedule``). Other VE-style configs (consistency models,
+    score-SDE VE, Stable Audio's cosine DPM-Solver) label their timesteps differently."""
+    class_name = str(config.get("_class_name", ""))
+    if class_name:
+        return class_name.startswith("EDM") or class_name == "BDIAEDMScheduler"
+    return config_family(config) == "ve" and "sigma_data" in config and "sigma_schedule" in config
+
+
 def _as_dict(config: Any) -> dict[str, Any]:
     if hasattr(config, "config") and not isinstance(config, Mapping):  # a scheduler instance
         config = {"_class_name": type(config).__name__, **config.config}

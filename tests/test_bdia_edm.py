@@ -273,6 +273,38 @@ def test_from_config_of_edm_schedulers_and_bdia_dispatch(tmp_path):
         assert isinstance(loaded, BDIAEDMScheduler) and public(loaded.config) == public(ours.config)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_injected_pair_in_half_precision_starts_a_custom_loop_at_the_lower_sample(digits, dtype):
+    # neighbouring states lie within the slack that recognises a rescaled upper sample: the lower one must win
+    n, scheduler = 12, BDIAEDMScheduler(gamma=0.9)
+    states, _ = sample_levels(scheduler, digits, 80.0 * randn(2, *digits.shape), n)
+    upper, lower = states[1].to(dtype), states[2].to(dtype)
+    scheduler.set_timesteps(n)
+    scheduler.set_inversion_pair(upper, lower)
+    scheduler.set_begin_index(2)
+    t = scheduler.timesteps[2]
+    out = scheduler.step(digits(scheduler.scale_model_input(lower, t), t).sample, t, lower).prev_sample
+    assert scheduler.step_index == 3 and not torch.equal(out, lower)
+    scale = float(states[3].abs().max())
+    assert float((out.double() - states[3]).abs().max()) < 0.05 * scale
+
+
+def test_other_ve_configs_are_refused():
+    # consistency models and score-SDE VE have sigma_max but label timesteps differently from EDM's log(sigma) / 4
+    from diffusers import CMStochasticIterativeScheduler, ScoreSdeVeScheduler
+
+    for source in (CMStochasticIterativeScheduler(), ScoreSdeVeScheduler()):
+        named = {"_class_name": type(source).__name__, **source.config}  # as a loaded pipeline's config
+        for config in (source.config, named):
+            for cls in (BDIAScheduler, BDIAEDMScheduler):
+                with pytest.raises(ValueError):
+                    cls.from_config(config)
+    with pytest.raises(ValueError):  # a loaded cosine DPM-Solver (Stable Audio) config
+        BDIAScheduler.from_config({"_class_name": "CosineDPMSolverMultistepScheduler", **EDMEulerScheduler().config})
+    unnamed = {k: v for k, v in EDMEulerScheduler().config.items() if not k.startswith("_")}
+    assert isinstance(BDIAScheduler.from_config(unnamed), BDIAEDMScheduler)
+
+
 def test_bad_arguments_raise():
     for gamma in (-0.1, 1.5, float("nan"), "0.5"):
         with pytest.raises(ValueError, match="gamma"):
@@ -287,6 +319,10 @@ def test_bad_arguments_raise():
         BDIAEDMScheduler(sigma_min=100.0)
     with pytest.raises(ValueError, match="solver"):
         BDIAEDMScheduler(solver="dpm")
+    with pytest.raises(ValueError, match="rho"):
+        BDIAEDMScheduler(rho=0.0)
+    with pytest.raises(ValueError, match="sigmas"):
+        BDIAEDMScheduler().set_timesteps(sigmas=[0.5, 0.5, 0.2])
     scheduler = BDIAEDMScheduler(gamma=0.9, solver="heun")
     x = randn(1, 2)
     with pytest.raises(ValueError, match="set_timesteps"):
@@ -311,6 +347,8 @@ def test_bad_arguments_raise():
     assert euler.heun_predictor(x, t[2], x) is None
     with pytest.raises(ValueError, match="predictor_output"):
         euler.inverse_step(x, t[2], x, x, predictor_output=x)
+    with pytest.raises(ValueError, match="lower_sample"):
+        euler.inverse_step(x, t[2], x, randn(2, 2))
     scheduler.set_begin_index(1)  # a run cannot begin with a Heun corrector call
     with pytest.raises(ValueError, match="second"):
         scheduler.step(x, scheduler.timesteps[1], x)

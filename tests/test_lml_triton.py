@@ -76,6 +76,17 @@ SCRIPT = textwrap.dedent(
     scheduler = LMLScheduler.from_config(DPMSolverMultistepScheduler().config, lm_lambda=10.0, lm_kappa=0.5)
     # (bfloat16 only on the GPU: the interpreter's bfloat16 stores truncate instead of rounding to nearest)
     close(run(scheduler, True, dtype=torch.float16), run(scheduler, False, dtype=torch.float16), "fp16", rel=2e-3)
+
+    # a kernel that fails (as a variant that cannot compile on a machine would): the eager correction takes over
+    import warnings
+
+    eager = run(scheduler, False)
+    _lml_triton.FusedCorrection.__call__ = lambda self, *args, **kwargs: (_ for _ in ()).throw(RuntimeError("cc"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fallback = run(scheduler, True)
+    assert torch.equal(fallback, eager), "the fallback must be the eager step"
+    assert any("eager correction" in str(w.message) for w in caught) and scheduler._fused is None
     print("ok")
     """
 )

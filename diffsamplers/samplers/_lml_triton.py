@@ -1,12 +1,13 @@
 # Copyright 2026 The diffsamplers authors. Licensed under the Apache License, Version 2.0.
-"""The LML correction fused into two Triton kernels, for CUDA tensors.
+"""The LML correction fused into one Triton kernel (two for long rows), for CUDA tensors.
 
 On a GPU the eager correction of :class:`~diffsamplers.samplers.lml.LMLScheduler` is launch-bound: the direction,
 its float64 copy, the Gram product, two dozen scalar operations on ``(B,)`` tensors for the coefficients and the
 update are about thirty kernels, each far shorter than its launch. Here the same arithmetic takes one launch for
 rows (samples) of up to ``_ROW_MAX`` elements, an SD/SDXL latent: ``_row_kernel``, one program per row, reads the
-row once for the three dot products and once more for the update (about 10 us of one SM for a 4x128x128 row, far
-less than a launch costs the host). Longer rows take two launches over the whole GPU:
+row once for the three dot products and once more for the update. One SM per sample is slow in bandwidth terms,
+but at these sizes the step is bound by host-side launch costs (benchmarks/RESULTS.md), so one launch fewer is what
+counts. Longer rows take two launches over the whole GPU:
 
 1. ``_gram_kernel``: forms ``g = p * u + q * v`` (the increment ``prev - c * x``; or ``g = u`` when the direction is
    already a tensor), stores it if asked, and accumulates ``<g, g>``, ``<g, g_prev>`` and ``<g_prev, g_prev>`` in
@@ -216,6 +217,8 @@ class FusedCorrection:
             with torch.cuda.device(self.device):  # Triton launches on the current device, not the tensors'
                 return self(u, v, p, q, g_prev, base, out, weight, g_out)
         if g_out is None:
+            if p != 1.0 or v is not None:
+                raise ValueError("without g_out the direction is u itself: p must be 1 and v None")
             g = u
             v, q = u, 0.0
         else:

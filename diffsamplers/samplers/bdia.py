@@ -26,7 +26,7 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
-from ..schedule import config_family, ddim_step, prediction_coefficients
+from ..schedule import ddim_step, is_edm_config, prediction_coefficients
 from .base import COMMON_CONFIG_DOC, DiffSamplersScheduler, DiffSamplersSchedulerOutput
 
 
@@ -88,10 +88,10 @@ class BDIAScheduler(DiffSamplersScheduler):
 
     @classmethod
     def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any):
-        """As :meth:`DiffSamplersScheduler.from_config`, except that an EDM/VE config (``EDMEulerScheduler``,
+        """As :meth:`DiffSamplersScheduler.from_config`, except that an EDM config (``EDMEulerScheduler``,
         ``EDMDPMSolverMultistepScheduler``) returns a :class:`~diffsamplers.BDIAEDMScheduler` built from it (with
-        the same keyword arguments, e.g. ``gamma``) instead of being refused."""
-        if config is not None and hasattr(config, "keys") and config_family(dict(config)) == "ve":
+        the same keyword arguments, e.g. ``gamma``); other VE-style configs are refused."""
+        if config is not None and hasattr(config, "keys") and is_edm_config(dict(config)):
             from .bdia_edm import BDIAEDMScheduler
 
             return BDIAEDMScheduler.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
@@ -201,10 +201,11 @@ class BDIAScheduler(DiffSamplersScheduler):
         if self._pending_pair is not None:
             pair_upper, pair_lower = self._pending_pair
             self._pending_pair = None
-            if _same(sample, pair_upper):  # a pipeline starting at z_{i+1}: hand back z_i, BDIA from the next step
+            # a pipeline starting at z_{i+1}: hand back z_i, BDIA from the next step
+            if same_sample(sample, pair_upper):
                 x0, _ = self._x0_eps(model_output, sample, index, recompute_eps=bool(use_clipped_model_output))
                 return self._finish(pair_lower.to(torch.float64), x0, pair_upper, model_output.dtype, return_dict)
-            if not _same(sample, pair_lower):
+            if not same_sample(sample, pair_lower):
                 raise ValueError("the first step after set_inversion_pair must start from one of the injected samples")
             upper = pair_upper  # a custom loop starting at z_i
         if upper is not None and gamma != 0.0 and index == 0:
@@ -394,7 +395,7 @@ def checked_pair(upper_sample: torch.Tensor, lower_sample: torch.Tensor) -> tupl
     return upper_sample, lower_sample
 
 
-def _same(sample: torch.Tensor, stored: torch.Tensor) -> bool:
+def same_sample(sample: torch.Tensor, stored: torch.Tensor) -> bool:
     """Whether ``sample`` is ``stored`` as the pipeline would hold it (same shape, equal after a cast)."""
     if sample is stored:
         return True

@@ -35,9 +35,9 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
-from ..schedule import config_family
+from ..schedule import is_edm_config
 from .base import DiffSamplersScheduler, DiffSamplersSchedulerOutput
-from .bdia import BDIAInverseOutput, LinearWorkspace, checked_gamma, checked_pair
+from .bdia import BDIAInverseOutput, LinearWorkspace, checked_gamma, checked_pair, same_sample
 
 PREDICTION_TYPES_EDM = ("epsilon", "v_prediction")
 SIGMA_SCHEDULES = ("karras", "exponential")
@@ -172,6 +172,11 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
             )
         if not float(sigma_data) > 0.0:
             raise ValueError(f"sigma_data must be positive, got {sigma_data!r}")
+        if not float(rho) > 0.0:
+            raise ValueError(f"rho must be positive, got {rho!r}")
+        steps = num_train_timesteps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"num_train_timesteps must be a positive integer, got {num_train_timesteps!r}")
         self.noise_schedule = None
         self.alphas_cumprod = None
         self.timesteps: torch.Tensor | None = None
@@ -186,8 +191,9 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
     def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any):
         """As diffusers' ``from_config``, for EDM configs only (``EDMEulerScheduler``,
         ``EDMDPMSolverMultistepScheduler`` or this class's own); their solver keys are ignored, and
-        ``thresholding=True`` is refused. A VP or flow config raises a ``ValueError``."""
-        if config is not None and hasattr(config, "keys") and config_family(dict(config)) != "ve":
+        ``thresholding=True`` is refused. Any other config (VP, flow, or VE-style schedulers whose timesteps are
+        not EDM's ``log(sigma) / 4``, such as consistency models') raises a ``ValueError``."""
+        if config is not None and hasattr(config, "keys") and not is_edm_config(dict(config)):
             raise ValueError(
                 f"{cls.__name__} needs an EDM config (EDMEulerScheduler, EDMDPMSolverMultistepScheduler), got "
                 f"{dict(config).get('_class_name')}; use BDIAScheduler for VP and flow configs"
@@ -293,6 +299,8 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
         levels = reference.sigmas.double()  # sigma_0 > ... > sigma_{N-1}, then sigma_N (0 or sigma_min)
         ts = reference.timesteps
         n = len(ts)
+        if n < 1 or not bool((levels[1:n] < levels[: n - 1]).all()) or not bool((levels[:n] > 0).all()):
+            raise ValueError("sigmas must give a strictly decreasing grid of positive noise levels")
         self.num_inference_steps = n
         self.level_sigmas = levels
         self.level_timesteps = ts.to(device)
@@ -424,18 +432,22 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
             return self._second_call(model_output, sample, k, return_dict)
         if self._current is None and self._upper_sample is None and self._pending_pair is not None:
             pair_upper, pair_lower = self._pending_pair
-            self._pending_pair = None
-            if _matches(sample, pair_upper):  # a pipeline starting at x_{k-1}: hand back x_k, BDIA from level k + 1
+            # the lower sample first and exactly: in half precision neighbouring states lie within the rounding
+            # slack that recognising a rescaled upper sample needs
+            if same_sample(sample, pair_lower):  # a custom loop starting at x_k
+                if k == 0:
+                    raise ValueError("a BDIA step needs the level above it: it cannot be made at the first timestep")
+                self._upper_sample = pair_upper
+            elif _matches(sample, pair_upper):  # a pipeline starting at x_{k-1}: hand back x_k, BDIA from level k + 1
+                self._pending_pair = None
                 self._upper_sample = pair_upper
                 self._pair_lower = pair_lower if self._heun and not last else None
                 return self._output(
                     pair_lower.to(sample.dtype), self._denoised_output(model_output, sample, k), return_dict
                 )
-            if not _matches(sample, pair_lower):
+            else:
                 raise ValueError("the first step after set_inversion_pair must start from one of the injected samples")
-            if k == 0:
-                raise ValueError("a BDIA step needs the level above it, so it cannot be made at the first timestep")
-            self._upper_sample = pair_upper  # a custom loop starting at x_k
+            self._pending_pair = None
         if not self._heun or last:  # Euler, and Heun's last interval (Algorithm 1 steps into sigma_N by Euler)
             return self._euler_step(model_output, sample, k, return_dict)
         # the first call of a Heun step: keep (x_k, F_k) and ask for the model at the predictor
@@ -541,7 +553,9 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
         ``x_{k-1} = (x_{k+1} - x_k - Delta_f(x_k)) / gamma + x_k + Delta_b(x_k)`` (spec §1.4).
 
         Both model outputs must be the ones sampling would get (same timestep labels, conditioning, guidance and
-        dtype). The step index of a sampling run is not touched.
+        dtype). The step index of a sampling run is not touched; call :meth:`set_timesteps` before an inversion loop
+        all the same: it clears any unfinished run, whose call index ``scale_model_input`` follows (as diffusers'
+        EDM schedulers do) in place of the ``timestep`` it is given.
 
         Args:
             model_output (`torch.Tensor`): the raw network output at ``(scale_model_input(x_k, timestep), timestep)``.
@@ -569,6 +583,11 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
             raise ValueError("predictor_output must be None for an Euler step (solver='euler', or the last level)")
         if not last and predictor_output is None:
             raise ValueError("predictor_output is required: the Heun step needs the model at heun_predictor's point")
+        for name, tensor in (("model_output", model_output), ("lower_sample", lower_sample)) + (
+            () if predictor_output is None else (("predictor_output", predictor_output),)
+        ):
+            if tensor.shape != sample.shape:
+                raise ValueError(f"{name} must have sample's shape {tuple(sample.shape)}, got {tuple(tensor.shape)}")
         denoised, derivative = self._derivative_at(model_output, sample, k)
         predictor = None if last else self._predictor(sample, model_output, k)
         delta_f, _ = self._forward_increment(sample, derivative, k, predictor, predictor_output)

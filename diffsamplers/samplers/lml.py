@@ -231,30 +231,57 @@ class _DirectionGram:
 
 # what the fused kernels read besides the float32 directions (a half-precision pipeline's sample)
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TRITON: Any = None  # the _lml_triton module once it passed its check, False if it failed
+_TRITON: Any = None  # the _lml_triton module once imported, False if the import failed
+_TRITON_CHECKED: dict[torch.device, bool] = {}  # per device: whether the kernels passed their check there
 
 
 def _triton_module(device: torch.device) -> Any:
-    """:mod:`._lml_triton`, imported and checked on first use; ``None`` (with one warning) where Triton is missing,
-    cannot compile on this machine (it builds a small C launcher), or disagrees with :func:`lm_correct`."""
+    """:mod:`._lml_triton`, imported on first use and checked on each device (see :func:`_check_kernels`); ``None``
+    (with one warning) where Triton is missing or its kernels fail there."""
     global _TRITON
     if _TRITON is None:
         try:
             from . import _lml_triton
 
-            generator = torch.Generator().manual_seed(0)
-            g, g_prev = (torch.randn((2, 3000), generator=generator).to(device) for _ in range(2))
-            fused = _lml_triton.FusedCorrection(g, 10.0, 0.5)
-            stored = torch.empty_like(g)
-            out = fused(g, torch.zeros_like(g), 1.0, 0.0, g_prev, g, torch.empty_like(g), 1.0, g_out=stored)
-            error = float((out - lm_correct(g, g_prev, 10.0, 0.5)).abs().max())
-            if not error < 1e-4 or not torch.equal(stored, g):
-                raise RuntimeError(f"self-check failed (max error {error:.3g})")
             _TRITON = _lml_triton
-        except Exception as error:  # ImportError, a compiler missing, a failed check
+        except Exception as error:  # ImportError, or a Triton that cannot set itself up
             warnings.warn(f"LMLScheduler: fused Triton kernels unavailable ({error}); using the eager correction")
             _TRITON = False
-    return _TRITON or None
+    if not _TRITON:
+        return None
+    checked = _TRITON_CHECKED.get(device)
+    if checked is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None  # the check reads a result back: it waits for a step outside the graph capture
+        checked = _TRITON_CHECKED[device] = _check_kernels(_TRITON, device)
+    return _TRITON if checked else None
+
+
+def _check_kernels(module: Any, device: torch.device) -> bool:
+    """Compile the fused correction on ``device`` and compare it with :func:`lm_correct`, with a stored and with a
+    given direction; a failure (no C compiler for Triton's launcher, a wrong result) warns and returns ``False``.
+    The comparison reads its result back to the host, so CUDA's sync debug mode is lifted around it."""
+    debug_mode = torch.cuda.get_sync_debug_mode() if device.type == "cuda" else 0
+    try:
+        if debug_mode:
+            torch.cuda.set_sync_debug_mode(0)
+        generator = torch.Generator().manual_seed(0)
+        g, g_prev = (torch.randn((2, 3000), generator=generator).to(device) for _ in range(2))
+        fused = module.FusedCorrection(g, 10.0, 0.5)
+        stored = torch.empty_like(g)
+        reference = lm_correct(g, g_prev, 10.0, 0.5)
+        out = fused(g, torch.zeros_like(g), 1.0, 0.0, g_prev, g, torch.empty_like(g), 1.0, g_out=stored)
+        given = fused(g, None, 1.0, 0.0, g_prev, None, torch.empty_like(g), 1.0)
+        error = max(float((out - reference).abs().max()), float((given - reference).abs().max()))
+        if not error < 1e-4 or not torch.equal(stored, g):
+            raise RuntimeError(f"self-check failed (max error {error:.3g})")
+        return True
+    except Exception as error:
+        warnings.warn(f"LMLScheduler: fused Triton kernels unusable on {device} ({error}); using the eager correction")
+        return False
+    finally:
+        if debug_mode:
+            torch.cuda.set_sync_debug_mode(debug_mode)
 
 
 class LMLScheduler(WrappedScheduler):
@@ -321,10 +348,11 @@ class LMLScheduler(WrappedScheduler):
         use_lm (`bool`, defaults to `True`): `False` runs the base solver unchanged.
 
     Attributes:
-        fused_kernels (`bool`, defaults to `True`): on CUDA float32 tensors, compute the correction with two fused
-            Triton kernels (:mod:`diffsamplers.samplers._lml_triton`; same float64 reductions, results equal to
-            the eager path to float32 rounding) instead of about thirty small eager kernels, which made the step
-            launch-bound. Set it to `False` for the eager path; it is used anyway where Triton is missing.
+        fused_kernels (`bool`, defaults to `True`): on CUDA float32 directions, compute the correction with one
+            fused Triton kernel (two for samples of over 2^17 elements; :mod:`diffsamplers.samplers._lml_triton`:
+            the same float64 reductions, results equal to the eager path's to float32 rounding) instead of about
+            thirty small eager kernels, which made the step launch-bound. Set it to `False` for the eager path; that
+            is used anyway where Triton is missing or its kernels fail to compile.
 """
         + BASE_CONFIG_DOC
     )
@@ -487,16 +515,18 @@ class LMLScheduler(WrappedScheduler):
         if placement == "velocity":
             # FlowMatch-Euler: x_next = x + (sigma_next - sigma) * LM(v)  (stochastic: x0 = x - sigma * LM(v))
             fused = self._fused_correction(work, g_prev) if apply and stable else None
-            coefficients = self._coefficients(work, g_prev) if apply and stable and fused is None else None
-            if fused is not None:
-                corrected = fused(work, None, 1.0, 0.0, g_prev, None, torch.empty_like(work), 1.0)
-            elif coefficients is not None:  # LM(v) = v + (A - 1) v + B (v_prev - v), a fresh tensor
-                corrected = self._add_correction(None, work, g_prev, coefficients, 1.0)
-            else:
-                self._drop_gram()
-                corrected = work
-                if apply and not stable:
-                    corrected = lm_correct(work, g_prev, config.lm_lambda, config.lm_kappa, config.formula)
+            corrected = None
+            if fused is not None:  # LM(v) in one kernel, a fresh tensor
+                corrected = self._run_fused(fused, work, None, 1.0, 0.0, g_prev, None, torch.empty_like(work), 1.0)
+            if corrected is None:
+                coefficients = self._coefficients(work, g_prev) if apply and stable else None
+                if coefficients is not None:  # LM(v) = v + (A - 1) v + B (v_prev - v), a fresh tensor
+                    corrected = self._add_correction(None, work, g_prev, coefficients, 1.0)
+                else:
+                    self._drop_gram()
+                    corrected = work
+                    if apply and not stable:
+                        corrected = lm_correct(work, g_prev, config.lm_lambda, config.lm_kappa, config.formula)
             self._g_prev = work
             result = self._call_base(corrected, timestep, sample, step_kwargs)
             result.prev_sample = result.prev_sample.to(out_dtype)
@@ -513,14 +543,16 @@ class LMLScheduler(WrappedScheduler):
             slot = ring[1] if g_prev is ring[0] else ring[0]
             fused = self._fused_correction(prev, g_prev, sample) if apply and stable else None
             if fused is not None:
-                # g = prev - c x and x_next = prev + (LM(g) - g) in two kernels, which read a half-precision sample
-                # and write a half-precision result themselves
+                # g = prev - c x and x_next = prev + (LM(g) - g) in one kernel, which reads a half-precision sample
+                # and writes a half-precision result itself
                 if out_dtype == prev.dtype and (prev is sample or prev is work or prev is model_output):
                     prev = prev.clone()
                 out = prev if out_dtype == prev.dtype else torch.empty_like(prev, dtype=out_dtype)
-                result.prev_sample = fused(prev, sample, 1.0, -c, g_prev, prev, out, 1.0, g_out=slot)
-                self._g_prev = slot
-                return result
+                new = self._run_fused(fused, prev, sample, 1.0, -c, g_prev, prev, out, 1.0, g_out=slot)
+                if new is not None:
+                    self._g_prev = slot
+                    result.prev_sample = new
+                    return result
         x = sample.to(work.dtype)
         if placement == "noise_direction":
             # DDIM eq. (12): only the "direction pointing to x_t" uses LM(eps); x0 keeps the raw prediction
@@ -535,22 +567,23 @@ class LMLScheduler(WrappedScheduler):
             g = torch.sub(prev, x, alpha=c, out=slot)
             weight = 1.0  # x_next = c x + LM(g) = prev + (LM(g) - g)
         fused = self._fused_correction(g, g_prev, prev) if apply and stable and placement != "increment" else None
-        coefficients = self._coefficients(g, g_prev) if apply and stable and fused is None else None
-        if fused is not None:
-            if prev is sample or prev is work or prev is model_output:
-                prev = prev.clone()
-            new = fused(g, None, 1.0, 0.0, g_prev, prev, prev, weight)
-        elif coefficients is not None:
-            # prev + weight * (LM(g) - g), in place on the base's fresh result (it keeps no reference to it) unless
-            # that is one of the inputs
-            if prev is sample or prev is work or prev is model_output:
-                prev = prev.clone()
-            new = self._add_correction(prev, g, g_prev, coefficients, weight)
-        else:
-            self._drop_gram()
-            new = prev  # LM(g) = g: the base step itself
-            if apply and not stable:
-                new = prev + weight * (lm_correct(g, g_prev, config.lm_lambda, config.lm_kappa, config.formula) - g)
+        # prev + weight * (LM(g) - g), in place on the base's fresh result (it keeps no reference to it) unless that
+        # is one of the inputs
+        if (fused is not None or (apply and stable and g_prev is not None)) and (
+            prev is sample or prev is work or prev is model_output
+        ):
+            prev = prev.clone()
+        new = None if fused is None else self._run_fused(fused, g, None, 1.0, 0.0, g_prev, prev, prev, weight)
+        if new is None:
+            coefficients = self._coefficients(g, g_prev) if apply and stable else None
+            if coefficients is not None:
+                new = self._add_correction(prev, g, g_prev, coefficients, weight)
+            else:
+                self._drop_gram()
+                new = prev  # LM(g) = g: the base step itself
+                if apply and not stable:
+                    corrected = lm_correct(g, g_prev, config.lm_lambda, config.lm_kappa, config.formula)
+                    new = prev + weight * (corrected - g)
         self._g_prev = g
         result.prev_sample = new.to(out_dtype)
         return result
@@ -597,6 +630,18 @@ class LMLScheduler(WrappedScheduler):
         if spare is None or spare.shape != like.shape or spare.dtype != like.dtype or spare.device != like.device:
             spare = self._spare_buffer = torch.empty_like(like)
         return spare
+
+    def _run_fused(self, fused: Any, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+        """``fused(*args, **kwargs)``, or ``None`` (with a warning, and the eager path from then on for this device)
+        if a kernel variant fails to compile here: that happens before its launch, and the one launch that may
+        precede it (long rows) only stores ``g`` into the ring slot the eager path then rewrites."""
+        try:
+            return fused(*args, **kwargs)
+        except Exception as error:
+            warnings.warn(f"LMLScheduler: fused Triton correction failed ({error}); using the eager correction")
+            _TRITON_CHECKED[fused.device] = False
+            self._fused = None
+            return None
 
     def _fused_correction(self, like: torch.Tensor, g_prev: torch.Tensor | None, *others: torch.Tensor) -> Any:
         """The fused Triton correction (see :mod:`._lml_triton`) when this step can take it: ``fused_kernels``
