@@ -122,8 +122,8 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
     solver keys; VP and flow configs are refused (use :class:`~diffsamplers.BDIAScheduler`).
 
     Args:
-        gamma (`float`, defaults to 1.0): weight of the backward correction, in ``[0, 1]``. 0 is EDM Heun; inversion
-            needs ``gamma > 0`` and round trips want ``[0.9, 1.0]``.
+        gamma (`float`, defaults to 1.0): weight of the backward correction, in ``[0, 1]``. 0 is EDM's Euler (or
+            Heun) sampler; inversion needs ``gamma > 0`` and round trips want ``[0.9, 1.0]``.
         sigma_min (`float`, defaults to 0.002): smallest noise level of the grid, as in EDMEulerScheduler.
         sigma_max (`float`, defaults to 80.0): largest noise level, where sampling starts.
         sigma_data (`float`, defaults to 0.5): standard deviation of the data, in EDM's preconditioning.
