@@ -382,6 +382,18 @@ def ddim_step(
     return a_n * x0 + _sqrt_nonneg(s_n**2 - std**2) * eps + std * noise.to(x0.dtype)
 
 
+def edm_preconditioning(sigma: Any, sigma_data: float, prediction_type: str = "epsilon") -> tuple[Any, Any, Any]:
+    """EDM's ``(c_in, c_skip, c_out)`` at noise level ``sigma`` (Karras et al. 2022, Table 1), as diffusers' EDM
+    schedulers use them: the network sees ``c_in x`` and ``D(x; sigma) = c_skip x + c_out F``; ``"v_prediction"``
+    negates ``c_out``. ``sigma`` may be a float or a tensor."""
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction' for EDM, got {prediction_type!r}")
+    total = sigma**2 + sigma_data**2
+    root = total**0.5
+    c_out = sigma * sigma_data / root
+    return 1.0 / root, sigma_data**2 / total, -c_out if prediction_type == "v_prediction" else c_out
+
+
 def _sqrt_nonneg(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.clamp(min=0).sqrt()

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .schedule import edm_preconditioning
+
 
 def tiny_unet_pipeline(scheduler: Any = None, sample_size: int = 8, channels: int = 3):
     """A ``DDIMPipeline`` over a random ``UNet2DModel`` (epsilon prediction). Pass ``scheduler`` to swap it in after
@@ -260,14 +262,10 @@ class EDMPreconditionedGMM(torch.nn.Module):
         batch = sample.shape[0]
         t = torch.as_tensor(timestep).detach().to(torch.float64).cpu().reshape(-1).expand(batch)
         sigma = torch.exp(4.0 * t)  # EDM's c_noise = log(sigma) / 4
-        sd2 = self.sigma_data**2
         shape = (-1,) + (1,) * (sample.ndim - 1)
-        root = (sigma**2 + sd2).sqrt()
-        x = sample.detach().to(torch.float64).cpu() * root.reshape(shape)  # undo c_in
+        levels = edm_preconditioning(sigma, self.sigma_data, self.prediction_type)
+        c_in, c_skip, c_out = (c.reshape(shape) for c in levels)
+        x = sample.detach().to(torch.float64).cpu() / c_in  # undo c_in
         classes = self.mixture._classes(batch, encoder_hidden_states, class_labels)
-        c_skip = (sd2 / (sigma**2 + sd2)).reshape(shape)
-        c_out = (sigma * self.sigma_data / root).reshape(shape)
-        if self.prediction_type == "v_prediction":
-            c_out = -c_out
         out = ((self.denoise(x, sigma, classes) - c_skip * x) / c_out).to(sample.device, sample.dtype)
         return SimpleNamespace(sample=out) if return_dict else (out,)

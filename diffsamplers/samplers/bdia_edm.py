@@ -26,7 +26,6 @@ Both increments depend on ``x_k`` alone, so the update is linear in ``x_{k-1}`` 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -35,7 +34,7 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
-from ..schedule import is_edm_config
+from ..schedule import edm_preconditioning, is_edm_config
 from .base import DiffSamplersScheduler, DiffSamplersSchedulerOutput
 from .bdia import BDIAInverseOutput, LinearWorkspace, checked_gamma, checked_pair, same_sample
 
@@ -342,13 +341,11 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
             sigma = self._level_floats[(call + 1) // 2 if self._heun else call]
         else:
             sigma = self._level_floats[self._level_index(timestep)]
-        return sample * (1.0 / math.sqrt(sigma**2 + self.config.sigma_data**2))
+        return sample * edm_preconditioning(sigma, self.config.sigma_data)[0]
 
     def _preconditioning(self, sigma: float) -> tuple[float, float]:
         """EDM's ``(c_skip, c_out)`` at ``sigma`` (EDMEulerScheduler.precondition_outputs)."""
-        sd2 = self.config.sigma_data**2
-        c_out = sigma * self.config.sigma_data / math.sqrt(sigma**2 + sd2)
-        return sd2 / (sigma**2 + sd2), -c_out if self.config.prediction_type == "v_prediction" else c_out
+        return edm_preconditioning(sigma, self.config.sigma_data, self.config.prediction_type)[1:]
 
     def _denoised(self, model_output: torch.Tensor, sample: torch.Tensor, sigma: float) -> torch.Tensor:
         """EDM's ``D(x; sigma) = c_skip x + c_out F`` in float64."""
