@@ -183,8 +183,11 @@ class FusedCorrection:
         self.shape, self.dtype, self.device = like.shape, like.dtype, like.device
         self.batch = like.shape[0]
         self.n = like.numel() // self.batch
+        self.single_launch = self.n <= _ROW_MAX  # one program per row; else partial sums over the whole GPU
         self.num_partials = min(triton.cdiv(self.n, _BLOCK), _MAX_PARTIALS)
-        self.partials = torch.empty((self.batch, self.num_partials, 3), dtype=torch.float64, device=like.device)
+        self.partials = None
+        if not self.single_launch:
+            self.partials = torch.empty((self.batch, self.num_partials, 3), dtype=torch.float64, device=like.device)
         # float64 on the device: Triton would pass Python floats as float32
         self.parameters = torch.tensor([lm_lambda, lm_kappa], dtype=torch.float64).to(like.device)
         self.lm_parameters = (lm_lambda, lm_kappa)
@@ -223,7 +226,7 @@ class FusedCorrection:
             v, q = u, 0.0
         else:
             g = g_out
-        if self.n <= _ROW_MAX:
+        if self.single_launch:
             _row_kernel[(self.batch,)](
                 u,
                 v,

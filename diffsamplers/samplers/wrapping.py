@@ -544,5 +544,6 @@ class WrappedScheduler(SchedulerMixin, ConfigMixin):
         index: int,
         step_kwargs: dict[str, Any],
     ) -> BaseOutput:
-        """The method: return the wrapped solver's output for step ``index``, with ``prev_sample`` changed."""
-        raise NotImplementedError  # abstract: DualFastScheduler and LMLScheduler implement it
+        """The method: the wrapped solver's output for step ``index``, with ``prev_sample`` changed. DualFast and
+        LML override it; here it is the wrapped solver's own step."""
+        return self._call_base(model_output, timestep, sample, step_kwargs)
