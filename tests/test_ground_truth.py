@@ -25,6 +25,7 @@ from diffsamplers.eval.ground_truth import (
     pipeline_manifest,
     pipeline_sample_fn,
 )
+from diffsamplers.testing import tiny_unet_pipeline
 
 MANIFEST = {"model_id": "toy/tanh-noise", "steps": 1000, "scheduler": {"beta_start": 0.0001, "eta": 0.0}}
 SEEDS = list(range(100, 110))
@@ -199,29 +200,10 @@ def test_manifest_and_argument_validation(tmp_path):
         load_ground_truth(tmp_path / "missing")
 
 
-def _tiny_ddim_pipeline():
-    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
-    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def test_pipeline_sample_fn_per_sample_generators(tmp_path):
     from diffusers import DDIMScheduler
 
-    pipe = _tiny_ddim_pipeline()
+    pipe = tiny_unet_pipeline()
     original = pipe.scheduler
     trailing = DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
     # eta=1 draws fresh noise at every step: per-sample generators must make that batch-invariant too
