@@ -3,6 +3,9 @@
 import pytest
 import torch
 
+from diffsamplers.eval.testbed import TESTBED_CONFIG
+from diffsamplers.models import GaussianMixtureModel
+
 
 @pytest.fixture
 def one_thread():
@@ -12,3 +15,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The exact digits testbed (Gaussian mixture) on the testbed's VP config (a test file may define its own)."""
+    return GaussianMixtureModel.digits(scheduler_config=TESTBED_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def x_T():
+    """Three fixed float64 starts for the digits testbed."""
+    return torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

@@ -33,16 +33,6 @@ BASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def model():
-    return GaussianMixtureModel.digits(scheduler_config=TESTBED_CONFIG)
-
-
-@pytest.fixture(scope="module")
-def x_T():
-    return torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-
-
 def plain(name, extra):
     """The diffusers scheduler DualFast wraps (DPM-Solver in noise mode needs a sigma_min final level)."""
     if extra.get("algorithm_type") == "dpmsolver":

@@ -34,16 +34,6 @@ def dense_lm(g, u, lam):
     return torch.stack(out)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return GaussianMixtureModel.digits(scheduler_config=TESTBED_CONFIG)
-
-
-@pytest.fixture(scope="module")
-def x_T():
-    return torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-
-
 # -- the operator ----------------------------------------------------------------------------------------------
 
 
