@@ -26,7 +26,15 @@ from ..schedule import (
     config_family,
     flow_timesteps,
     karras_sigmas,
+    make_betas,
     to_x0_eps,
+)
+from .checks import (
+    check_config_argument,
+    check_custom_timesteps,
+    check_learned_variance,
+    check_model_output,
+    check_num_inference_steps,
 )
 
 COMMON_CONFIG_DOC = """
@@ -88,9 +96,12 @@ class DiffSamplersScheduler(SchedulerMixin, ConfigMixin):
         """As diffusers' ``from_config``; a ``FlowMatch*`` config (which has no ``prediction_type``) selects
         ``prediction_type="flow_prediction"`` (a DPMSolver/UniPC ``use_flow_sigmas`` config also carries its
         ``flow_shift`` over as ``shift``); an EDM config, and options the class cannot honour (``thresholding``,
-        ``invert_sigmas``), are refused with a ``ValueError``."""
-        if config is not None and hasattr(config, "keys"):
+        ``invert_sigmas``) and learned-variance DDPM configs are refused with a ``ValueError``; a string (a path
+        or Hub id: use ``from_pretrained``) with a ``TypeError``."""
+        check_config_argument(config, cls)
+        if config is not None:
             source = dict(config)
+            check_learned_variance(source, cls)
             if "prediction_type" not in kwargs and config_family(source) == "flow":
                 kwargs["prediction_type"] = "flow_prediction"
             # DPMSolver/UniPC flow configs name the shift `flow_shift`; without this it would silently be 1.0
@@ -120,9 +131,14 @@ class DiffSamplersScheduler(SchedulerMixin, ConfigMixin):
         if int(c.num_train_timesteps) < 2:
             raise ValueError(f"num_train_timesteps must be >= 2, got {c.num_train_timesteps}")
         self.noise_schedule = NoiseSchedule.from_config(dict(c))
-        self.alphas_cumprod = (
-            self.noise_schedule.alphas_cumprod.float() if self.noise_schedule.alphas_cumprod is not None else None
-        )
+        # diffusers' VP schedulers expose these float32 tables (some pipelines and callbacks read them); None for flow
+        if self.noise_schedule.family == "vp":
+            self.betas = make_betas(dict(c)).float()
+            self.alphas = 1.0 - self.betas
+            self.alphas_cumprod = self.noise_schedule.alphas_cumprod.float()
+            self.final_alpha_cumprod = torch.tensor(self.noise_schedule.final_alpha_cumprod)
+        else:
+            self.betas = self.alphas = self.alphas_cumprod = None
         self.timesteps: torch.Tensor | None = None
         self.num_inference_steps: int | None = None
         self._step_index: int | None = None
@@ -159,10 +175,14 @@ class DiffSamplersScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("give only one of timesteps and sigmas")
         if num_inference_steps is None and timesteps is None and sigmas is None:
             raise ValueError("give num_inference_steps, timesteps or sigmas")
-        if num_inference_steps is not None and (
-            not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1
-        ):
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        # flow grids live on continuous time: any number of steps is distinct there
+        train_steps = None if self.is_flow else self.config.num_train_timesteps
+        if num_inference_steps is not None:
+            num_inference_steps = check_num_inference_steps(num_inference_steps, train_steps)
+        if timesteps is not None:
+            timesteps = check_custom_timesteps(timesteps, train_steps).tolist()
+        if sigmas is not None:
+            check_custom_timesteps(sigmas, None, name="sigmas")
         schedule = self.noise_schedule
         if self.is_flow:
             if self.config.use_dynamic_shifting and mu is None:
@@ -178,8 +198,8 @@ class DiffSamplersScheduler(SchedulerMixin, ConfigMixin):
                     ts = torch.as_tensor(np.asarray(timesteps))
                 else:
                     ts = schedule.timestep_from_ve_sigma(torch.as_tensor(np.asarray(sigmas, dtype=np.float64)))
-                if ts.ndim != 1 or len(ts) < 1 or (len(ts) > 1 and not bool((ts[1:] < ts[:-1]).all())):
-                    raise ValueError("timesteps/sigmas must be a strictly decreasing 1-D list")
+                    if len(ts) > 1 and not bool((ts[1:] < ts[:-1]).all()):
+                        raise ValueError("sigmas must map to strictly decreasing timesteps (distinct noise levels)")
                 prev = torch.cat([ts[1:].double(), torch.tensor([-1.0], dtype=torch.float64)])
             elif self.config.use_karras_sigmas:
                 ve = schedule.ve_sigma(torch.arange(self.config.num_train_timesteps))
@@ -229,8 +249,9 @@ class DiffSamplersScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"timestep {timestep} is not in this scheduler's timesteps")
         return int(indices[1 if len(indices) > 1 else 0])
 
-    def _begin_step(self, timestep: Any) -> int:
-        """The index of this call (initialised on the first call of a run)."""
+    def _begin_step(self, timestep: Any, model_output: torch.Tensor, sample: torch.Tensor) -> int:
+        """The index of this call (initialised on the first call of a run), after checking the step's tensors."""
+        check_model_output(model_output, sample)
         if self.timesteps is None:
             raise ValueError("call set_timesteps before step")
         if self._step_index is None:

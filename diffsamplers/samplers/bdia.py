@@ -194,7 +194,7 @@ class BDIAScheduler(DiffSamplersScheduler):
         """
         if eta != 0.0 or variance_noise is not None:
             raise ValueError(f"BDIA is deterministic: eta must be 0 and variance_noise None, got eta={eta!r}")
-        index = self._begin_step(timestep)
+        index = self._begin_step(timestep, model_output, sample)
         gamma = float(self.config.gamma)
         upper = self._upper_sample  # z_{i+1}, or None on the first step of a run
         next_upper = sample

@@ -422,7 +422,7 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
             `DiffSamplersSchedulerOutput` or `tuple`: ``prev_sample`` (the next model input, in ``sample``'s dtype)
             and ``pred_original_sample`` (the denoised ``D`` of this call).
         """
-        index = self._begin_step(timestep)
+        index = self._begin_step(timestep, model_output, sample)
         k, second = self._level_of_call(index)
         last = k == self.num_inference_steps - 1
         if second:
