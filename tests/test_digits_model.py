@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, FlowMatchEulerDiscreteScheduler
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from diffsamplers.models import digits
 
@@ -138,3 +139,78 @@ def test_sample_grid_cli(tmp_path):
 def test_bad_objective():
     with pytest.raises(ValueError, match="objective"):
         digits.bundled_model_path("edm")
+
+
+class _RunsCode:
+    """A pickle that creates a file when unpickled: what a crafted checkpoint could do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pt", "checkpoint.safetensors"])
+def test_resume_never_unpickles_a_checkpoint(tmp_path, name):
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    out.mkdir()
+    # torch.save's format, which torch.load(weights_only=False) unpickles: loading it would create `marker`
+    torch.save({"objective": "ddpm", "seed": 0, "payload": _RunsCode(str(marker))}, out / name)
+    with pytest.raises(ValueError, match=re.escape(str(out / name))):
+        digits.train_digits_model(str(out), steps=1, batch_size=16, resume=True, progress=False, num_threads=None)
+    assert not marker.exists()
+
+
+def test_checkpoint_is_safetensors_and_checked(tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "run"
+    kw = dict(batch_size=16, progress=False, num_threads=None)
+    digits.train_digits_model(str(out), steps=1, keep_checkpoint=True, **kw)
+    path = out / digits.CHECKPOINT_NAME
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "diffsamplers.digits-training-checkpoint" and json.loads(meta["state"])["step"] == 1
+    # a checkpoint of another architecture: its tensors do not fit the model
+    weights = {f"model.{k}": v for k, v in torch.nn.Linear(2, 2).state_dict().items()}
+    save_file(weights, str(path), metadata={**meta})
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ": the model tensors do not match"):
+        digits.train_digits_model(str(out), steps=2, resume=True, **kw)
+
+
+def test_training_never_writes_into_the_package_by_default(tmp_path, monkeypatch):
+    fake_bundled = tmp_path / "package" / "digits-ddpm"
+    monkeypatch.setattr(digits, "DDPM_DIR", str(fake_bundled))
+    monkeypatch.setattr(digits, "CLASSIFIER_DIR", str(tmp_path / "package" / "digits-classifier"))
+    with pytest.raises(ValueError, match="`out` is required"):
+        digits.train_digits_model(steps=1, batch_size=16, progress=False, num_threads=None)
+    with pytest.raises(ValueError, match="`out` is required"):
+        digits.train_digits_classifier(epochs=1, batch_size=256, progress=False, num_threads=None)
+    assert not (tmp_path / "package").exists()
+    monkeypatch.chdir(tmp_path)
+    threads = str(torch.get_num_threads())
+    digits.main(["train", "--steps", "1", "--batch-size", "16", "--threads", threads])
+    assert (tmp_path / "digits-ddpm" / "model_index.json").is_file()
+    assert not (tmp_path / "package").exists()
+    digits.main(["train", "--steps", "1", "--batch-size", "16", "--threads", threads, "--bundled"])
+    assert (fake_bundled / "model_index.json").is_file()  # only when asked
+
+
+def test_a_kill_during_the_final_save_keeps_the_checkpoint(tmp_path, monkeypatch):
+    kw = dict(batch_size=16, progress=False, num_threads=None, checkpoint_every=1)
+    out, straight = tmp_path / "run", tmp_path / "straight"
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DDPMPipeline, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        digits.train_digits_model(str(out), steps=2, **kw)
+    monkeypatch.undo()
+    assert (out / digits.CHECKPOINT_NAME).is_file()  # the checkpoint of step 1 survives
+    digits.train_digits_model(str(out), steps=2, resume=True, **kw)
+    assert not (out / digits.CHECKPOINT_NAME).exists()
+    digits.train_digits_model(str(straight), steps=2, **kw)
+    a, b = _unet_weights(str(out)), _unet_weights(str(straight))
+    assert all(torch.equal(a[k], b[k]) for k in a)

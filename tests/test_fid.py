@@ -281,7 +281,7 @@ def test_user_torchscript_file(tmp_path):
     class Layers(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.conv = nn.Conv2d(3, 5, 7, stride=8)
+            self.conv = nn.Conv2d(3, 2048, 7, stride=8)  # 2048 features, as load_inception checks
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return nn.functional.adaptive_avg_pool2d(self.conv(x), 1)
@@ -299,7 +299,7 @@ def test_user_torchscript_file(tmp_path):
     extractor = load_inception(path, resize="fast")
     assert extractor.source == "user"
     stats = extract_features(_images(3, 16), extractor, progress=False)
-    assert stats.num_features == 5 and stats.count == 3
+    assert stats.num_features == 2048 and stats.count == 3
 
 
 def test_weight_lookup_order_and_errors(tmp_path, monkeypatch):

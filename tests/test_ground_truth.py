@@ -99,7 +99,7 @@ def test_resume_after_crash_regenerates_only_missing_shards(tmp_path):
     assert json.loads((tmp_path / "manifest.json").read_text())["complete"] is False
     with pytest.raises(ValueError, match="incomplete"):
         load_ground_truth(tmp_path)
-    (tmp_path / ".shard_00002.safetensors.tmp-999").write_bytes(b"torn")  # what a kill mid-write leaves
+    (tmp_path / ".shard_00002.safetensors.k1ll3d.tmp").write_bytes(b"torn")  # what a kill mid-write leaves
 
     finished = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("shard_*")}
     resumed = CountingSampleFn()
@@ -186,7 +186,7 @@ def test_resume_keeps_the_cached_shard_layout(tmp_path):
 def test_manifest_and_argument_validation(tmp_path):
     manifest = _generate(toy_sample_fn, tmp_path)
     assert manifest["config"] == json.loads(json.dumps(MANIFEST))
-    assert manifest["config_hash"] == config_hash(MANIFEST, SEEDS)
+    assert manifest["config_hash"] == config_hash(MANIFEST, SEEDS, manifest["shards"]) != config_hash(MANIFEST, SEEDS)
     assert manifest["seeds"] == SEEDS
     with pytest.raises(TypeError, match="manifest"):
         generate_ground_truth(toy_sample_fn, SEEDS, tmp_path / "x", manifest=None)

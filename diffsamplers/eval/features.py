@@ -301,17 +301,43 @@ def load_inception(
 
     Returns:
         `InceptionFeatureExtractor`: in eval mode on ``device``.
+
+    Raises:
+        `ValueError`: the file is not TorchScript, or its network does not map a 299x299 image to 2048 features
+            (checked with one forward pass); the message names the file.
     """
     file, source = find_inception_weights(path)
     try:
         network = torch.jit.load(str(file), map_location=torch.device(device))
-    except RuntimeError as err:
-        raise RuntimeError(f"{file} is not a TorchScript Inception network: {err}") from err
+    except Exception as err:  # torch raises RuntimeError, ValueError or its own errors for foreign or torn files
+        raise ValueError(f"{file} is not a TorchScript file (truncated, or another format): {err}") from err
     sha256 = _sha256(file) if source != "user" else None
-    logger.info("Inception-v3 for FID from %s (%s)", file, source)
-    return InceptionFeatureExtractor(
+    extractor = InceptionFeatureExtractor(
         network.eval(), resize=resize, source=source, sha256=sha256, num_workers=num_workers
     ).eval()
+    _check_inception(extractor, file)
+    logger.info("Inception-v3 for FID from %s (%s)", file, source)
+    return extractor
+
+
+def _check_inception(extractor: InceptionFeatureExtractor, file: Path) -> None:
+    """One 299x299 image through the feature layers: an Inception network maps it to 2048 features."""
+    # a TorchScript file can hold any module; a wrong one would otherwise surface as an odd shape error, or as
+    # features of another size that FID computes happily
+    probe = torch.zeros(1, 3, INCEPTION_SIZE, INCEPTION_SIZE, device=extractor.device)
+    try:
+        with torch.no_grad():
+            out = extractor.layers(probe)
+    except Exception as err:
+        raise ValueError(
+            f"{file} is not a TorchScript Inception network: it fails on a 1x3x299x299 input ({err})"
+        ) from err
+    if not isinstance(out, torch.Tensor) or out.numel() != INCEPTION_FEATURES:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"{file} is not a TorchScript Inception network: it maps a 1x3x299x299 input to {shape}, "
+            f"not {INCEPTION_FEATURES} features"
+        )
 
 
 def quantize_images(images: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,10 @@ import torch
 
 ArrayLike = torch.Tensor | np.ndarray
 
-__all__ = ["StreamingStats", "fid_from_features", "fid_from_stats", "frechet_distance"]
+__all__ = ["COVARIANCE_RTOL", "StreamingStats", "fid_from_features", "fid_from_stats", "frechet_distance"]
+
+_STATS_FORMAT = "diffsamplers.StreamingStats"
+_STATS_VERSION = "1"
 
 
 def _to_float64(x: Any, device: torch.device, name: str) -> torch.Tensor:
@@ -39,6 +42,48 @@ def _common_device(*xs: Any) -> torch.device:
         if isinstance(x, torch.Tensor):
             return x.device
     return torch.device("cpu")
+
+
+#: Relative tolerance of the covariance checks in :func:`frechet_distance`: asymmetry and negative eigenvalues up to
+#: this fraction of the covariance's scale are round-off (float32 statistics, fewer samples than features) and are
+#: symmetrised / clipped away; anything larger means the matrix is not a covariance.
+COVARIANCE_RTOL = 1e-5
+
+
+def _mean_vector(mu: torch.Tensor, name: str) -> torch.Tensor:
+    # (d,) as numpy/clean-fid give it; (1, d) from a keepdim mean is accepted, anything else is a swapped argument
+    if mu.ndim == 2 and mu.shape[0] == 1:
+        mu = mu[0]
+    if mu.ndim != 1 or mu.shape[0] == 0:
+        raise ValueError(f"`{name}` must be a mean vector of shape (d,) with d >= 1, got shape {tuple(mu.shape)}")
+    return mu
+
+
+def _checked_covariance(sigma: torch.Tensor, name: str) -> torch.Tensor:
+    """``sigma`` symmetrised, after checking that it is symmetric and positive semi-definite up to round-off."""
+    scale = sigma.abs().max()
+    asymmetry = (sigma - sigma.T).abs().max()
+    if asymmetry > COVARIANCE_RTOL * scale:
+        raise ValueError(
+            f"`{name}` is not symmetric (max |S - S^T| = {float(asymmetry):.3g}, max |S| = {float(scale):.3g}); "
+            "pass a covariance matrix"
+        )
+    sigma = 0.5 * (sigma + sigma.T)
+    diag = torch.diagonal(sigma)
+    # for a PSD matrix max |S_ij| <= max S_ii, so the largest diagonal entry bounds the eigenvalues' scale from below
+    # and a Cholesky factorisation of S + tol * max(diag) * I succeeds exactly when min eig(S) > -tol * max(diag)
+    # (up to rounding): one O(d^3 / 3) factorisation instead of an eigendecomposition
+    top = diag.max().clamp_min(0)
+    shift = COVARIANCE_RTOL * top + torch.finfo(torch.float64).tiny
+    eye = torch.eye(sigma.shape[0], dtype=sigma.dtype, device=sigma.device)
+    _, info = torch.linalg.cholesky_ex(sigma + shift * eye)
+    if int(info) != 0:
+        lowest = float(torch.linalg.eigvalsh(sigma)[0])
+        raise ValueError(
+            f"`{name}` is not positive semi-definite (smallest eigenvalue {lowest:.3g}, largest diagonal entry "
+            f"{float(top):.3g}, tolerance {COVARIANCE_RTOL:g} relative); pass a covariance matrix"
+        )
+    return sigma
 
 
 def _sqrt_factor(sigma: torch.Tensor, method: str) -> torch.Tensor:
@@ -64,7 +109,12 @@ def frechet_distance(
     comes from a symmetric eigendecomposition of ``S1`` with negative eigenvalues clipped to zero, which handles
     singular and slightly indefinite covariances. ``method="cholesky"`` uses a Cholesky factor of ``S1`` when it is
     numerically positive definite (several times faster on CPU, same eigenvalues) and falls back to ``eigh``
-    otherwise. Both covariances are symmetrised first. float64 matmuls never use TF32, so no global flag is touched.
+    otherwise. float64 matmuls never use TF32, so no global flag is touched.
+
+    Both covariances must be symmetric and positive semi-definite up to round-off: an asymmetry above
+    :data:`COVARIANCE_RTOL` times their largest entry, or an eigenvalue below ``-COVARIANCE_RTOL`` times their
+    largest diagonal entry, raises a ``ValueError`` (such a matrix is not a covariance, and the formula would return
+    a meaningless, possibly negative number). Smaller deviations are symmetrised and clipped away.
 
     Args:
         mu1 (`torch.Tensor` or `np.ndarray`): mean of the first set, shape ``(d,)``.
@@ -75,12 +125,16 @@ def frechet_distance(
 
     Returns:
         `float`: the distance. It can be a tiny negative number (rounding) for identical statistics.
+
+    Raises:
+        `ValueError`: a mean that is not a vector, mismatched dimensions, NaN or infinite entries, or a covariance
+            that is not symmetric positive semi-definite; the message names the argument.
     """
     if method not in ("eigh", "cholesky"):
         raise ValueError(f"`method` must be 'eigh' or 'cholesky', got {method!r}")
     device = _common_device(mu1, sigma1, mu2, sigma2)
-    mu1 = _to_float64(mu1, device, "mu1").reshape(-1)
-    mu2 = _to_float64(mu2, device, "mu2").reshape(-1)
+    mu1 = _mean_vector(_to_float64(mu1, device, "mu1"), "mu1")
+    mu2 = _mean_vector(_to_float64(mu2, device, "mu2"), "mu2")
     sigma1 = _to_float64(sigma1, device, "sigma1")
     sigma2 = _to_float64(sigma2, device, "sigma2")
     d = mu1.shape[0]
@@ -92,8 +146,8 @@ def frechet_distance(
     for name, x in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
         if not torch.isfinite(x).all():
             raise ValueError(f"`{name}` contains NaN or infinite values")
-    sigma1 = 0.5 * (sigma1 + sigma1.T)
-    sigma2 = 0.5 * (sigma2 + sigma2.T)
+    sigma1 = _checked_covariance(sigma1, "sigma1")
+    sigma2 = _checked_covariance(sigma2, "sigma2")
 
     root = _sqrt_factor(sigma1, method)
     inner = root.T @ sigma2 @ root
@@ -263,30 +317,68 @@ class StreamingStats:
         return self
 
     def save(self, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-        """Write the statistics to a safetensors file.
+        """Write the statistics to a safetensors file, atomically (a kill never leaves a torn file at ``path``).
 
         Args:
-            path (`str` or `os.PathLike`): destination file.
+            path (`str` or `os.PathLike`): destination file; its folder must exist.
             metadata (`dict[str, str]`, *optional*): stored in the file header, e.g. which extractor and resize
-                made the features.
+                made the features. The keys ``format`` and ``version`` are reserved.
         """
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        meta = {"format": "diffsamplers.StreamingStats", "version": "1"}
-        meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
-        save_file(self.state_dict(), os.fspath(path), metadata=meta)
+        from .._io import atomic_write
+
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"`path` must be a str or os.PathLike, got {type(path).__name__}")
+        extra = {str(k): str(v) for k, v in (metadata or {}).items()}
+        reserved = sorted(set(extra) & {"format", "version"})
+        if reserved:
+            raise ValueError(f"`metadata` must not set the reserved keys {reserved}")
+        meta = {"format": _STATS_FORMAT, "version": _STATS_VERSION, **extra}
+        tensors = {k: v.contiguous() for k, v in self.state_dict().items()}
+        atomic_write(path, save(tensors, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> StreamingStats:
         """Read statistics written by :meth:`save`.
 
+        The file must carry this class's format tag and version, exactly the tensors ``count`` (int64, ``(1,)``),
+        ``sum`` (float64, ``(d,)``) and ``outer_sum`` (float64, ``(d, d)``), and a non-negative count; anything else
+        (another safetensors file, a truncated copy, a pickle renamed ``.safetensors``) raises a ``ValueError``
+        naming the file.
+
         Args:
             path (`str` or `os.PathLike`): the safetensors file.
             device (`str` or `torch.device`, *optional*, defaults to `"cpu"`): where to put the sums.
         """
-        from safetensors.torch import load_file
+        from .._io import load_safetensors
 
-        return cls(device=device).load_state_dict(load_file(os.fspath(path)))
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"`path` must be a str or os.PathLike, got {type(path).__name__}")
+        name = os.fspath(path)
+        tensors, meta, _ = load_safetensors(path)
+        if meta.get("format") != _STATS_FORMAT:
+            raise ValueError(f"{name} is not a StreamingStats file (format {meta.get('format')!r})")
+        if meta.get("version") != _STATS_VERSION:
+            raise ValueError(
+                f"{name} has StreamingStats format version {meta.get('version')!r}; this version reads "
+                f"{_STATS_VERSION!r}"
+            )
+        if set(tensors) != {"count", "sum", "outer_sum"}:
+            raise ValueError(f"{name} holds the tensors {sorted(tensors)}, expected ['count', 'outer_sum', 'sum']")
+        if tensors["sum"].ndim != 1 or tensors["sum"].numel() == 0:
+            raise ValueError(f"{name}: tensor 'sum' has shape {tuple(tensors['sum'].shape)}, expected (d,), d >= 1")
+        d = tensors["sum"].shape[0]
+        expected = {"count": ((1,), torch.int64), "sum": ((d,), torch.float64), "outer_sum": ((d, d), torch.float64)}
+        for key, (shape, dtype) in expected.items():
+            t = tensors[key]
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise ValueError(
+                    f"{name}: tensor {key!r} has shape {tuple(t.shape)} and dtype {t.dtype}, expected {shape}, {dtype}"
+                )
+        if int(tensors["count"][0]) < 0:
+            raise ValueError(f"{name}: negative count {int(tensors['count'][0])}")
+        return cls(device=device).load_state_dict(tensors)
 
     def __repr__(self) -> str:
         return f"StreamingStats(count={self.count}, num_features={self.num_features}, device={self.device})"

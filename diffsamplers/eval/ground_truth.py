@@ -7,13 +7,16 @@ it was drawn in or on how many processes shared the work.
 
 Layout of ``out_dir``::
 
-    manifest.json                 what was requested (config, seeds, config hash) and the shard list
-    shard_00000.safetensors       samples of seeds[0:shard_size], tensor "samples"
+    manifest.json                 what was requested (config, seeds), the shard list with each shard's sha256,
+                                  and the config hash over config, seeds and shard list
+    shard_00000.safetensors       samples of seeds[0:shard_size], tensor "samples"; header: config hash, range, seeds
     shard_00001.safetensors       ...
 
-Each shard is written to a temporary file and moved into place with ``os.replace``, so a killed run leaves only
-whole shards. A rerun with the same request skips finished shards; a request whose config hash differs from the
-cache's is refused, never mixed in or overwritten.
+Every file is written to a temporary file, fsynced and moved into place with ``os.replace``, so a killed run leaves
+only whole shards. A rerun with the same request verifies and skips finished shards; a request whose config hash
+differs from the cache's is refused, never mixed in or overwritten. Reading checks each shard's sha256 and header
+against the manifest and the manifest against its own hash, so flipped bytes, a hand-edited config or seed list, or a
+shard dropped from the list raise an error naming the file instead of giving other samples.
 """
 
 from __future__ import annotations
@@ -22,13 +25,18 @@ import hashlib
 import inspect
 import json
 import logging
+import numbers
 import os
+import re
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .._io import atomic_write, load_safetensors, read_json, sha256_hex, temp_glob
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +51,13 @@ __all__ = [
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "diffsamplers.ground_truth"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Samples per ``sample_fn`` call and per shard file: small enough that an interrupted run loses little, large
+#: enough that the per-call overhead stays small next to a many-step solve.
+DEFAULT_SHARD_SIZE = 32
+_SHARD_FILE = re.compile(r"shard_\d{5}\.safetensors")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_STEP_KEYS = ("steps", "num_inference_steps")
 
 
 def _partial_state() -> Any:
@@ -78,38 +92,98 @@ def _canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
 
 
-def config_hash(config: dict[str, Any], seeds: Sequence[int]) -> str:
-    """sha256 of the canonical JSON of ``config`` and ``seeds``: what identifies a ground-truth set.
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def config_hash(config: dict[str, Any], seeds: Sequence[int], shards: Sequence[dict[str, Any]] | None = None) -> str:
+    """sha256 of the canonical JSON of ``config``, ``seeds`` and (when given) the shard layout.
+
+    A cache's ``config_hash`` covers all three, so that an edited config, a permuted seed list or a shard dropped
+    from the manifest no longer matches the hash stored in the manifest and in every shard.
 
     Args:
         config (`dict`): everything that determines the samples (model id, scheduler config, steps, ...).
         seeds (`Sequence[int]`): the per-sample seeds, in order.
+        shards (`Sequence[dict]`, *optional*): the manifest's shard list; its ``file``, ``start`` and ``stop``
+            entries are hashed (not the checksums, which are filled in as shards are written).
     """
-    return hashlib.sha256(_canonical_json({"config": config, "seeds": list(seeds)}).encode()).hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    payload: dict[str, Any] = {"config": config, "seeds": [int(s) for s in seeds]}
+    if shards is not None:
+        payload["shards"] = [[s["file"], int(s["start"]), int(s["stop"])] for s in shards]
+    return hashlib.sha256(_canonical_json(payload).encode()).hexdigest()
 
 
 def _write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
-    _atomic_write(out_dir / MANIFEST_NAME, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write(out_dir / MANIFEST_NAME, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+
+
+def _check_manifest(path: Path, manifest: Any) -> dict[str, Any]:
+    """Structure and self-consistency of a manifest read from ``path``; every failure names the file."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a diffsamplers ground-truth manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} was written by another version of diffsamplers (manifest version {manifest.get('version')!r}, "
+            f"this one reads {FORMAT_VERSION}); delete {path.parent} and rerun"
+        )
+    problems = []
+    seeds, shards = manifest.get("seeds"), manifest.get("shards")
+    if not isinstance(manifest.get("config"), dict):
+        problems.append("`config` is not an object")
+    if not isinstance(manifest.get("config_hash"), str):
+        problems.append("`config_hash` is not a string")
+    if not isinstance(manifest.get("complete"), bool):
+        problems.append("`complete` is not a boolean")
+    if not _is_int(manifest.get("shard_size")) or manifest["shard_size"] < 1:
+        problems.append("`shard_size` is not a positive integer")
+    if not isinstance(seeds, list) or not seeds or not all(_is_int(x) for x in seeds):
+        problems.append("`seeds` is not a non-empty list of integers")
+    elif manifest.get("num_samples") != len(seeds):
+        problems.append(f"`num_samples` is {manifest.get('num_samples')!r} but there are {len(seeds)} seeds")
+    if not isinstance(shards, list) or not shards:
+        problems.append("`shards` is not a non-empty list")
+    else:
+        position = 0
+        for i, shard in enumerate(shards):
+            ok = (
+                isinstance(shard, dict)
+                and isinstance(shard.get("file"), str)
+                and _SHARD_FILE.fullmatch(shard["file"]) is not None
+                and _is_int(shard.get("start"))
+                and _is_int(shard.get("stop"))
+                and (shard.get("sha256") is None or _SHA256.fullmatch(str(shard["sha256"])) is not None)
+            )
+            if not ok:
+                problems.append(f"shard entry {i} is malformed ({shard!r})")
+                break
+            if shard["start"] != position or shard["stop"] <= shard["start"]:
+                problems.append(f"shard entry {i} ({shard['file']}) covers [{shard['start']}, {shard['stop']}), "
+                                f"expected a range starting at {position}")
+                break
+            position = shard["stop"]
+        else:
+            if isinstance(seeds, list) and position != len(seeds):
+                problems.append(f"the shards cover {position} samples, the manifest lists {len(seeds)} seeds")
+            if len({s["file"] for s in shards}) != len(shards):
+                problems.append("a shard file is listed twice")
+    if problems:
+        raise ValueError(f"{path} is corrupt: " + "; ".join(problems) + f". Delete {path.parent} and rerun")
+    if config_hash(manifest["config"], seeds, shards) != manifest["config_hash"]:
+        raise ValueError(
+            f"{path} was edited or is corrupt: its config_hash does not match its config, seeds and shard list. "
+            f"Delete {path.parent} and rerun"
+        )
+    if manifest["complete"] and any(s.get("sha256") is None for s in shards):
+        raise ValueError(f"{path} is marked complete but lacks shard checksums; delete {path.parent} and rerun")
+    return manifest
 
 
 def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
     path = out_dir / MANIFEST_NAME
     if not path.is_file():
         return None
-    with open(path) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a diffsamplers ground-truth manifest")
-    return manifest
+    return _check_manifest(path, read_json(path))
 
 
 def _describe_mismatch(stored: dict[str, Any], config: dict[str, Any], seeds: list[int]) -> str:
@@ -131,22 +205,37 @@ def _shard_layout(num: int, shard_size: int) -> list[dict[str, Any]]:
     ]
 
 
-def _shard_is_done(path: Path, digest: str, start: int, stop: int) -> bool:
-    if not path.is_file():
-        return False
-    from safetensors import safe_open
-
+def _verify_shard(out_dir: Path, shard: dict[str, Any], stored: dict[str, Any]) -> tuple[str, torch.Tensor]:
+    """Read one shard file once: check its checksum (when the manifest has one), its header against the manifest,
+    and its tensor; returns the file's sha256 and the samples (CPU)."""
+    path = out_dir / shard["file"]
+    tensors, meta, data = load_safetensors(path)
+    digest = sha256_hex(data)
+    if shard.get("sha256") is not None and digest != shard["sha256"]:
+        raise ValueError(
+            f"{path} is corrupt: its sha256 {digest} differs from the {shard['sha256']} recorded in "
+            f"{out_dir / MANIFEST_NAME}. Delete {path} and rerun generate_ground_truth to regenerate it"
+        )
+    start, stop = shard["start"], shard["stop"]
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            rows = f.get_slice("samples").get_shape()[0]
-    except Exception as err:  # os.replace makes a torn file impossible, but a user may have copied one in
-        raise ValueError(f"{path} is not a readable shard ({err}); delete it and rerun") from err
-    if meta.get("config_hash") != digest or (int(meta.get("start", -1)), int(meta.get("stop", -1))) != (start, stop):
-        raise ValueError(f"{path} belongs to another request or shard layout; refusing to reuse {path.parent}")
-    if rows != stop - start:
-        raise ValueError(f"{path} holds {rows} samples, expected {stop - start}; delete it and rerun")
-    return True
+        span = (int(meta.get("start", -1)), int(meta.get("stop", -1)))
+        shard_seeds = json.loads(meta.get("seeds", "null"))
+    except ValueError as err:
+        raise ValueError(f"{path} has a malformed header ({err}); delete it and rerun") from err
+    if meta.get("config_hash") != stored["config_hash"] or span != (start, stop):
+        raise ValueError(f"{path} belongs to another request or shard layout; refusing to reuse {out_dir}")
+    if shard_seeds != stored["seeds"][start:stop]:
+        raise ValueError(f"{path} holds other seeds than {out_dir / MANIFEST_NAME} lists for it; delete it and rerun")
+    samples = tensors.get("samples")
+    if set(tensors) != {"samples"} or samples.ndim < 1 or samples.shape[0] != stop - start:
+        found = {k: tuple(v.shape) for k, v in tensors.items()}
+        raise ValueError(f"{path} holds {found}, expected 'samples' with {stop - start} rows; delete it and rerun")
+    return digest, samples
+
+
+def _check_steps(value: Any, name: str) -> None:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"`{name}` (solver steps) must be a positive int, got {value!r}")
 
 
 def _as_samples(output: Any, seeds: list[int]) -> torch.Tensor:
@@ -165,7 +254,7 @@ def generate_ground_truth(
     out_dir: str | os.PathLike,
     *,
     manifest: dict[str, Any],
-    shard_size: int = 16,
+    shard_size: int = DEFAULT_SHARD_SIZE,
     progress: bool = True,
     distributed: bool | None = None,
 ) -> dict[str, Any]:
@@ -173,10 +262,12 @@ def generate_ground_truth(
 
     ``sample_fn(seeds)`` must return one sample per seed, stacked along dim 0, and build one
     ``torch.Generator().manual_seed(seed)`` per sample (see :func:`pipeline_sample_fn`) so that a sample does not
-    depend on which other seeds share its call. Shards are written atomically; on a rerun with the same ``manifest``
-    and ``seeds`` finished shards are skipped. If ``out_dir`` holds a cache with another config hash, or shard files
-    without a manifest, a ``ValueError`` is raised and nothing is touched. A cache made with another ``shard_size``
-    is resumed with its own layout (``shard_size`` does not change the samples).
+    depend on which other seeds share its call. Shards are written atomically and their sha256 is recorded in the
+    manifest; on a rerun with the same ``manifest`` and ``seeds`` finished shards are verified and skipped, and one
+    line says how many samples were reused. If ``out_dir`` holds a cache with another config hash, shard files
+    without a manifest, a corrupt or edited manifest, or a shard that fails its checksum, a ``ValueError`` naming the
+    file is raised and nothing is touched. A cache made with another ``shard_size`` is resumed with its own layout
+    (``shard_size`` does not change the samples).
 
     Under an ``accelerate``/``torchrun`` launch the pending shards are split between the processes with
     ``PartialState().split_between_processes``; ``out_dir`` must then be visible to all of them (one node or a
@@ -189,9 +280,11 @@ def generate_ground_truth(
         out_dir (`str` or `os.PathLike`): cache directory, created if missing.
         manifest (`dict`): JSON-serialisable description of everything that determines the samples: model id,
             pipeline and scheduler config, steps, guidance, dtype... (:func:`pipeline_manifest` builds one). Its hash
-            together with ``seeds`` identifies the cache.
-        shard_size (`int`, *optional*, defaults to 16): samples per ``sample_fn`` call and per file.
-        progress (`bool`, *optional*, defaults to `True`): tqdm bar on the main process.
+            together with ``seeds`` and the shard layout identifies the cache. A ``steps`` or
+            ``num_inference_steps`` entry must be a positive int (checked before anything is written).
+        shard_size (`int`, *optional*, defaults to 32): samples per ``sample_fn`` call and per file; what an
+            interrupted run can lose.
+        progress (`bool`, *optional*, defaults to `True`): tqdm bar (and the reuse line) on the main process.
         distributed (`bool`, *optional*): share the work between processes; by default, when launched with more
             than one process.
 
@@ -202,8 +295,13 @@ def generate_ground_truth(
         raise TypeError(f"`manifest` must be a dict, got {type(manifest).__name__}")
     if not callable(sample_fn):
         raise TypeError(f"`sample_fn` must be callable, got {type(sample_fn).__name__}")
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+    if not _is_int(shard_size) or shard_size < 1:
         raise ValueError(f"`shard_size` must be a positive int, got {shard_size!r}")
+    # a zero-step request would fail inside sample_fn only after the manifest is written, leaving a cache that
+    # refuses the next (correct) request
+    for key in _STEP_KEYS:
+        if key in manifest:
+            _check_steps(manifest[key], f"manifest[{key!r}]")
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("`seeds` is empty")
@@ -211,7 +309,6 @@ def generate_ground_truth(
         raise ValueError("`seeds` must be integers in [0, 2**64) (torch.Generator.manual_seed)")
     # the JSON round trip stores exactly what the hash covered (tuples become lists, numpy scalars numbers)
     config = json.loads(_canonical_json(manifest))
-    digest = config_hash(config, seeds)
     out_dir = Path(out_dir)
 
     if distributed is None:
@@ -222,13 +319,13 @@ def generate_ground_truth(
     # every process validates before anyone writes, so a refusal raises everywhere instead of hanging a barrier
     stored = _read_manifest(out_dir) if out_dir.is_dir() else None
     if stored is not None:
-        if stored.get("config_hash") != digest:
+        if config_hash(config, seeds, stored["shards"]) != stored["config_hash"]:
             raise ValueError(
                 f"{out_dir} holds ground truth for another request ({_describe_mismatch(stored, config, seeds)}; "
-                f"cached hash {stored.get('config_hash')}, requested {digest}). Use another `out_dir` or delete it."
+                f"cached hash {stored['config_hash']}). Use another `out_dir` or delete it."
             )
         layout = stored["shards"]
-        if stored.get("shard_size") != shard_size:
+        if stored["shard_size"] != shard_size:
             logger.info("resuming %s with its shard size %s instead of %s", out_dir, stored["shard_size"], shard_size)
     else:
         if out_dir.is_dir() and any(out_dir.glob("shard_*.safetensors")):
@@ -238,21 +335,28 @@ def generate_ground_truth(
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "config": config,
-            "config_hash": digest,
+            "config_hash": config_hash(config, seeds, layout),
             "seeds": seeds,
             "num_samples": len(seeds),
             "shard_size": shard_size,
             "shards": layout,
             "complete": False,
         }
-    pending = [s for s in layout if not _shard_is_done(out_dir / s["file"], digest, s["start"], s["stop"])]
+    digest = stored["config_hash"]
+    pending = []
+    for shard in layout:
+        if (out_dir / shard["file"]).is_file():
+            # also records the checksum of a shard whose run was killed before its manifest update
+            shard["sha256"] = _verify_shard(out_dir, shard, stored)[0]
+        else:
+            pending.append(shard)
 
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in out_dir.glob(".*.tmp-*"):  # from a killed run; whole shards are never temp files
-            leftover.unlink(missing_ok=True)
-        if _read_manifest(out_dir) is None:
-            _write_manifest(out_dir, stored)
+        for pattern in (temp_glob("shard_*.safetensors"), temp_glob(MANIFEST_NAME)):
+            for leftover in out_dir.glob(pattern):  # only a SIGKILL mid-write leaves these; whole files never are
+                leftover.unlink(missing_ok=True)
+        _write_manifest(out_dir, stored)
     if state is not None:
         state.wait_for_everyone()
         with state.split_between_processes(pending) as mine:
@@ -263,11 +367,15 @@ def generate_ground_truth(
     from safetensors.torch import save as safetensors_bytes
     from tqdm.auto import tqdm
 
-    done = len(layout) - len(pending)
-    if done and is_main:
-        logger.info("%s: %d of %d shards already done", out_dir, done, len(layout))
+    reused = len(seeds) - sum(s["stop"] - s["start"] for s in pending)
+    if reused and is_main:
+        message = f"ground truth: reusing {reused} of {len(seeds)} samples from {out_dir}"
+        logger.info(message)
+        if progress:
+            print(message, file=sys.stderr, flush=True)
     bar = tqdm(
-        total=sum(s["stop"] - s["start"] for s in mine),
+        total=reused + sum(s["stop"] - s["start"] for s in mine),
+        initial=reused,
         unit="sample",
         desc="ground truth",
         disable=not (progress and is_main),
@@ -282,13 +390,20 @@ def generate_ground_truth(
             "stop": str(shard["stop"]),
             "seeds": json.dumps(shard_seeds),
         }
-        _atomic_write(out_dir / shard["file"], safetensors_bytes({"samples": samples}, metadata=meta))
+        data = safetensors_bytes({"samples": samples}, metadata=meta)
+        atomic_write(out_dir / shard["file"], data)
+        shard["sha256"] = sha256_hex(data)
+        if is_main:  # only the main process writes the manifest; the others' checksums are read back at the end
+            _write_manifest(out_dir, stored)
         bar.update(len(shard_seeds))
     bar.close()
 
     if state is not None:
         state.wait_for_everyone()
-    if is_main and not stored.get("complete"):
+    if is_main:
+        for shard in layout:
+            if shard.get("sha256") is None:
+                shard["sha256"] = _verify_shard(out_dir, shard, stored)[0]
         stored["complete"] = True
         _write_manifest(out_dir, stored)
     if state is not None:
@@ -303,13 +418,13 @@ def _checked_manifest(out_dir: Path, config: dict[str, Any] | None, seeds: Seque
     if config is not None or seeds is not None:
         want_config = json.loads(_canonical_json(config)) if config is not None else stored["config"]
         want_seeds = [int(s) for s in seeds] if seeds is not None else stored["seeds"]
-        if config_hash(want_config, want_seeds) != stored["config_hash"]:
+        if config_hash(want_config, want_seeds, stored["shards"]) != stored["config_hash"]:
             raise ValueError(
                 f"{out_dir} holds ground truth for another request "
                 f"({_describe_mismatch(stored, want_config, want_seeds)})"
             )
     missing = [s["file"] for s in stored["shards"] if not (out_dir / s["file"]).is_file()]
-    if missing or not stored.get("complete"):
+    if missing or not stored["complete"]:
         raise ValueError(
             f"{out_dir} is incomplete ({len(missing)} of {len(stored['shards'])} shards missing); "
             "rerun generate_ground_truth with the same arguments to finish it"
@@ -326,20 +441,29 @@ def iter_ground_truth(
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield ``(seeds, samples)`` shard by shard, in seed order, without loading the whole set.
 
+    Every shard is checked against the manifest as it is read (sha256, config hash, seeds, sample count, and the
+    same sample shape and dtype as the first shard); a mismatch raises a ``ValueError`` naming the file.
+
     Args:
         out_dir (`str` or `os.PathLike`): a cache written by :func:`generate_ground_truth`.
         config (`dict`, *optional*): if given, the cache must have been made with this manifest.
         seeds (`Sequence[int]`, *optional*): if given, the cache must hold exactly these seeds.
         device (`str` or `torch.device`, *optional*, defaults to `"cpu"`): where to load the samples.
     """
-    from safetensors.torch import load_file
-
     out_dir = Path(out_dir)
     stored = _checked_manifest(out_dir, config, seeds)
+    first: tuple[tuple[int, ...], torch.dtype] | None = None
     for shard in stored["shards"]:
-        path = out_dir / shard["file"]
-        _shard_is_done(path, stored["config_hash"], shard["start"], shard["stop"])
-        yield stored["seeds"][shard["start"] : shard["stop"]], load_file(str(path), device=str(device))["samples"]
+        samples = _verify_shard(out_dir, shard, stored)[1]
+        kind = (tuple(samples.shape[1:]), samples.dtype)
+        if first is None:
+            first = kind
+        elif kind != first:
+            raise ValueError(
+                f"{out_dir / shard['file']} holds samples of shape {kind[0]} and dtype {kind[1]}, the first shard "
+                f"{first[0]} and {first[1]}; delete it and rerun"
+            )
+        yield stored["seeds"][shard["start"] : shard["stop"]], samples.to(device)
 
 
 def load_ground_truth(
@@ -404,6 +528,7 @@ def pipeline_sample_fn(
     Returns:
         `Callable[[list[int]], torch.Tensor]`: the sample function; it returns CPU tensors.
     """
+    _check_steps(num_inference_steps, "num_inference_steps")
     params = inspect.signature(pipe.__call__).parameters
 
     def sample(seeds: list[int]) -> torch.Tensor:
@@ -449,6 +574,7 @@ def pipeline_manifest(
         output_type (`str`, *optional*, defaults to `"latent"`): as passed to :func:`pipeline_sample_fn`.
         **call_kwargs: the pipeline call arguments.
     """
+    _check_steps(num_inference_steps, "num_inference_steps")
     sched = scheduler if scheduler is not None else pipe.scheduler
     config = getattr(pipe, "config", {}) or {}
     kwargs = {}

@@ -18,7 +18,8 @@ Bundled under ``diffsamplers/models/bundled/``:
   the feature space of a digit classifier, not the Inception FID of the literature; numbers are comparable
   between samplers on this model only.
 
-Reproduce (CPU only; each command writes into the bundled folder unless ``--out`` is given):
+Reproduce (CPU only; each command writes to ``./digits-ddpm``, ``./digits-flow`` or ``./digits-classifier`` in the
+current folder, or to ``--out``; ``--bundled`` overwrites the weights inside the installed package, on purpose only):
 
     python -m diffsamplers.models.digits train --threads 1                   # digits-ddpm
     python -m diffsamplers.models.digits train --objective flow --threads 1  # digits-flow
@@ -40,8 +41,9 @@ The bundled weights were made with exactly these commands (6000 steps, batch 128
 - digits-classifier: 40 epochs on the train split in 12.5 s; held-out accuracy 0.991 (446 / 450) on the
   deterministic split of :func:`digits_split`; train accuracy 1.0.
 
-An interrupted ``train`` resumes from its periodic checkpoint with ``--resume`` (the checkpoint lives in the output
-folder while training and is removed when the final weights are written).
+An interrupted ``train`` resumes from its periodic checkpoint with ``--resume`` and ends with the same weights as an
+uninterrupted run. The checkpoint (``checkpoint.safetensors``: tensors plus JSON state, no pickle) lives in the output
+folder while training and is removed only after the final weights are written.
 """
 
 from __future__ import annotations
@@ -57,13 +59,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._io import atomic_write, load_safetensors, read_json
+
 BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled")
 DDPM_DIR = os.path.join(BUNDLED_DIR, "digits-ddpm")
 FLOW_DIR = os.path.join(BUNDLED_DIR, "digits-flow")
 CLASSIFIER_DIR = os.path.join(BUNDLED_DIR, "digits-classifier")
 
 IMAGE_SIZE = 8
-CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_NAME = "checkpoint.safetensors"
+# written by earlier versions with torch.save (a pickle): never loaded, since unpickling a crafted file runs code
+LEGACY_CHECKPOINT_NAME = "checkpoint.pt"
+_CHECKPOINT_FORMAT = "diffsamplers.digits-training-checkpoint"
+_CHECKPOINT_VERSION = "1"
 
 # Measured on 2 idle CPU threads: a 3-level UNet (8 -> 4 -> 2) with one ResNet layer per level takes ~0.1 s per
 # step at batch 128, so 6000 steps fit the ~15 minute budget; two layers per level or (64, 128, 128) channels
@@ -237,8 +245,104 @@ def _noisy_batch(x0: torch.Tensor, objective: str, scheduler: Any, gen: torch.Ge
     return (1 - s_) * x0 + s_ * eps, s * scheduler.config.num_train_timesteps, eps - x0
 
 
+def _require_out(out: str | os.PathLike | None, bundled: str, flag: str) -> str:
+    # never write into the installed package by default: reproducing the weights must not overwrite the shipped ones
+    if out is None:
+        raise ValueError(
+            f"`out` is required: the folder to write the trained model to. To overwrite the bundled weights on "
+            f"purpose, pass out={bundled!r} (on the command line: {flag})"
+        )
+    return os.fspath(out)
+
+
+def _save_checkpoint(path: str, unet: nn.Module, ema: list[torch.Tensor], opt: torch.optim.Optimizer,
+                     gen: torch.Generator, perm: torch.Tensor, state: dict[str, Any]) -> None:
+    """Everything a resumed run needs, as one safetensors file: tensors, plus the scalars as JSON in its header."""
+    from safetensors.torch import save
+
+    tensors = {f"model.{k}": v for k, v in unet.state_dict().items()}
+    tensors.update({f"ema.{i}": e for i, e in enumerate(ema)})
+    opt_state = opt.state_dict()
+    opt_scalars = {}
+    for index, entry in opt_state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value
+            else:
+                opt_scalars[f"{index}.{key}"] = value
+    tensors["generator"] = gen.get_state()
+    tensors["perm"] = perm
+    header = {**state, "param_groups": opt_state["param_groups"], "optimizer_scalars": opt_scalars}
+    metadata = {"format": _CHECKPOINT_FORMAT, "version": _CHECKPOINT_VERSION, "state": json.dumps(header)}
+    # one file, replaced atomically, so an interrupt never leaves a torn checkpoint or a mismatched pair
+    atomic_write(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata))
+
+
+def _load_checkpoint(path: str, unet: nn.Module, ema: list[torch.Tensor], opt: torch.optim.Optimizer,
+                     gen: torch.Generator, n: int) -> dict[str, Any]:
+    """Restore what :func:`_save_checkpoint` wrote into the given objects; returns the JSON state (step, losses...).
+
+    Every tensor's name, shape and dtype is checked against the freshly built model and optimizer, so a checkpoint
+    of another architecture or a foreign file raises a ``ValueError`` naming ``path``.
+    """
+    tensors, metadata, _ = load_safetensors(path)
+    if metadata.get("format") != _CHECKPOINT_FORMAT or metadata.get("version") != _CHECKPOINT_VERSION:
+        raise ValueError(
+            f"{path} is not a digits training checkpoint of this version (format {metadata.get('format')!r}, "
+            f"version {metadata.get('version')!r})"
+        )
+    try:
+        state = json.loads(metadata["state"])
+        step, pos, elapsed = int(state["step"]), int(state["pos"]), float(state["elapsed"])
+        losses = [float(v) for v in state["losses"]]
+        param_groups, opt_scalars = state["param_groups"], state["optimizer_scalars"]
+        state.update(step=step, pos=pos, elapsed=elapsed, losses=losses)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} has a malformed training state in its header ({err!r})") from err
+
+    def take(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    def check(name: str, found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+        if set(found) != set(expected):
+            raise ValueError(f"{path}: the {name} tensors do not match this model ({len(found)} found, "
+                             f"{len(expected)} expected)")
+        for key, value in expected.items():
+            if found[key].shape != value.shape or found[key].dtype != value.dtype:
+                raise ValueError(f"{path}: {name} tensor {key!r} has shape {tuple(found[key].shape)} and dtype "
+                                 f"{found[key].dtype}, expected {tuple(value.shape)} and {value.dtype}")
+
+    model = take("model.")
+    check("model", model, unet.state_dict())
+    saved_ema = take("ema.")
+    check("EMA", saved_ema, {str(i): e for i, e in enumerate(ema)})
+    perm = tensors.get("perm")
+    if perm is None or perm.dtype != torch.int64 or tuple(perm.shape) != (n,) or not 0 <= pos <= n:
+        raise ValueError(f"{path}: the batch order ('perm', 'pos') does not fit the {n} training images")
+    opt_tensors: dict[int, dict[str, Any]] = {}
+    for key, value in take("optimizer.").items():
+        index, _, name = key.partition(".")
+        opt_tensors.setdefault(int(index), {})[name] = value
+    for key, value in opt_scalars.items():
+        index, _, name = key.partition(".")
+        opt_tensors.setdefault(int(index), {})[name] = value
+    for group in param_groups:
+        if isinstance(group.get("betas"), list):  # JSON has no tuples
+            group["betas"] = tuple(group["betas"])
+    try:
+        opt.load_state_dict({"state": opt_tensors, "param_groups": param_groups})
+        gen.set_state(tensors["generator"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{path}: the optimizer or generator state does not fit ({err})") from err
+    unet.load_state_dict(model)
+    for i, e in enumerate(ema):
+        e.copy_(saved_ema[str(i)])
+    state["perm"] = perm
+    return state
+
+
 def train_digits_model(
-    out: str | None = None,
+    out: str | os.PathLike | None = None,
     steps: int = 6000,
     seed: int = 0,
     *,
@@ -257,7 +361,8 @@ def train_digits_model(
     """Train the digits diffusion model and save it as a ``DDPMPipeline`` folder.
 
     Args:
-        out (`str`, *optional*): output folder; defaults to the bundled folder of ``objective``.
+        out (`str` or `os.PathLike`): output folder (required). Nothing is written into the installed package
+            unless asked: pass ``bundled_model_path(objective)`` to overwrite the bundled weights on purpose.
         steps (`int`, defaults to 6000): optimiser steps.
         seed (`int`, defaults to 0): seeds initialisation, batch order and noise.
         objective (`str`, defaults to `"ddpm"`): ``"ddpm"`` (epsilon prediction, ``DDPMScheduler``) or ``"flow"``
@@ -268,10 +373,13 @@ def train_digits_model(
         ema_decay (`float`, defaults to 0.999): decay of the weight EMA that is saved (0 saves raw weights).
         max_shift (`int`, defaults to 0): random shift augmentation in pixels. Off by default: the digits are
             centred and fill the 8x8 frame, so shifted copies would move the model away from the data.
-        checkpoint_every (`int`, defaults to 500): steps between checkpoints (``out/checkpoint.pt``).
-        resume (`bool`, defaults to `False`): continue from ``out/checkpoint.pt`` if present.
+        checkpoint_every (`int`, defaults to 500): steps between checkpoints (``out/checkpoint.safetensors``:
+            weights, EMA, optimizer and generator state as tensors, the step, losses and optimizer settings as JSON
+            in its header; no pickle).
+        resume (`bool`, defaults to `False`): continue from ``out/checkpoint.safetensors`` if present; the result
+            is the same as that of an uninterrupted run.
         keep_checkpoint (`bool`, defaults to `False`): keep the checkpoint after the final save (it is removed by
-            default so it never ships with the bundled weights).
+            default, once the final weights are written, so it never ships with the bundled weights).
         num_threads (`int`, *optional*, defaults to 2): ``torch.set_num_threads``; ``None`` leaves it alone.
         progress (`bool`, defaults to `True`): show a tqdm bar.
 
@@ -284,7 +392,7 @@ def train_digits_model(
 
     if objective not in ("ddpm", "flow"):
         raise ValueError(f"objective must be 'ddpm' or 'flow', got {objective!r}")
-    out = out or bundled_model_path(objective)
+    out = _require_out(out, bundled_model_path(objective), "--bundled")
     os.makedirs(out, exist_ok=True)
     if num_threads:
         torch.set_num_threads(num_threads)
@@ -306,15 +414,16 @@ def train_digits_model(
     perm, pos = torch.randperm(n, generator=gen), 0
 
     ckpt_path = os.path.join(out, CHECKPOINT_NAME)
+    legacy_path = os.path.join(out, LEGACY_CHECKPOINT_NAME)
+    if resume and not os.path.exists(ckpt_path) and os.path.exists(legacy_path):
+        raise ValueError(
+            f"{legacy_path} is a pickle checkpoint of an older version; it is not loaded, since unpickling a file can "
+            "run code. Delete it and train again (checkpoints are now safetensors)"
+        )
     if resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        if ckpt["objective"] != objective or ckpt["seed"] != seed:
-            raise ValueError(f"{ckpt_path} is from objective={ckpt['objective']} seed={ckpt['seed']}")
-        unet.load_state_dict(ckpt["model"])
-        for e, v in zip(ema, ckpt["ema"]):
-            e.copy_(v)
-        opt.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["generator"])
+        ckpt = _load_checkpoint(ckpt_path, unet, ema, opt, gen, n)
+        if ckpt.get("objective") != objective or ckpt.get("seed") != seed:
+            raise ValueError(f"{ckpt_path} is from objective={ckpt.get('objective')} seed={ckpt.get('seed')}")
         step, losses, elapsed, perm, pos = ckpt["step"], ckpt["losses"], ckpt["elapsed"], ckpt["perm"], ckpt["pos"]
 
     def save_checkpoint() -> None:
@@ -322,17 +431,11 @@ def train_digits_model(
             "objective": objective,
             "seed": seed,
             "step": step,
-            "model": unet.state_dict(),
-            "ema": ema,
-            "optimizer": opt.state_dict(),
-            "generator": gen.get_state(),
             "losses": losses,
             "elapsed": elapsed + time.perf_counter() - start,
-            "perm": perm,
             "pos": pos,
         }
-        torch.save(state, ckpt_path + ".tmp")
-        os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic, so an interrupt never leaves a torn checkpoint
+        _save_checkpoint(ckpt_path, unet, ema, opt, gen, perm, state)
 
     start = time.perf_counter()
     bar = tqdm(total=steps, initial=step, disable=not progress, desc=f"digits-{objective}")
@@ -365,8 +468,6 @@ def train_digits_model(
     wall = elapsed + time.perf_counter() - start
     if keep_checkpoint:  # before the EMA weights replace the training weights below
         save_checkpoint()
-    elif os.path.exists(ckpt_path):
-        os.remove(ckpt_path)
 
     with torch.no_grad():
         for e, p in zip(ema, unet.parameters()):
@@ -388,8 +489,10 @@ def train_digits_model(
         "num_threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
-    with open(os.path.join(out, "training.json"), "w") as f:
-        json.dump(info, f, indent=2)
+    atomic_write(os.path.join(out, "training.json"), (json.dumps(info, indent=2) + "\n").encode())
+    # only now: a kill during the final save must leave something to resume from
+    if not keep_checkpoint and os.path.exists(ckpt_path):
+        os.remove(ckpt_path)
     return info
 
 
@@ -460,13 +563,18 @@ def load_digits_classifier(path: str | None = None, device: str | torch.device =
     Returns:
         `DigitsClassifier`: ``model(images)`` gives `(B, 128)` features, ``model.classify(images)`` logits.
     """
-    from safetensors.torch import load_file
-
     path = path or CLASSIFIER_DIR
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = json.load(f)
-    model = DigitsClassifier(width=cfg["width"], feature_dim=cfg["feature_dim"], num_classes=cfg["num_classes"])
-    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    config_path, weights_path = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
+    cfg = read_json(config_path)
+    try:
+        model = DigitsClassifier(width=cfg["width"], feature_dim=cfg["feature_dim"], num_classes=cfg["num_classes"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{config_path} is not a digits classifier config ({err!r})") from err
+    weights, _, _ = load_safetensors(weights_path)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise ValueError(f"{weights_path} does not hold the classifier of {config_path}: {err}") from err
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -481,7 +589,7 @@ def classifier_accuracy(model: DigitsClassifier, images: torch.Tensor, labels: t
 
 
 def train_digits_classifier(
-    out: str | None = None,
+    out: str | os.PathLike | None = None,
     epochs: int = 40,
     seed: int = 0,
     *,
@@ -494,7 +602,8 @@ def train_digits_classifier(
     """Train the digit classifier on the train split and save it (``model.safetensors`` + ``config.json``).
 
     Args:
-        out (`str`, *optional*): output folder; defaults to the bundled ``digits-classifier`` folder.
+        out (`str` or `os.PathLike`): output folder (required); pass :data:`CLASSIFIER_DIR` to overwrite the
+            bundled classifier on purpose.
         epochs (`int`, defaults to 40): passes over the train split.
         seed (`int`, defaults to 0): seeds initialisation, batch order and augmentation.
         batch_size (`int`, defaults to 64): images per step.
@@ -507,10 +616,10 @@ def train_digits_classifier(
     Returns:
         `dict`: the saved config, including ``test_accuracy`` on the held-out split of :func:`digits_split`.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     from tqdm.auto import tqdm
 
-    out = out or CLASSIFIER_DIR
+    out = _require_out(out, CLASSIFIER_DIR, "train-classifier --bundled")
     os.makedirs(out, exist_ok=True)
     if num_threads:
         torch.set_num_threads(num_threads)
@@ -553,9 +662,9 @@ def train_digits_classifier(
             "wall_time_s": round(wall, 1),
         }
     )
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "model.safetensors"))
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(info, f, indent=2)
+    weights = save({k: v.contiguous() for k, v in model.state_dict().items()})
+    atomic_write(os.path.join(out, "model.safetensors"), weights)
+    atomic_write(os.path.join(out, "config.json"), (json.dumps(info, indent=2) + "\n").encode())
     return info
 
 
@@ -669,7 +778,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m diffsamplers.models.digits", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train the digits diffusion model (DDPM or rectified flow)")
-    p.add_argument("--out", default=None, help="output folder (default: the bundled folder)")
+    p.add_argument("--out", default=None, help="output folder (default: ./digits-OBJECTIVE)")
+    p.add_argument("--bundled", action="store_true", help="write into the bundled folder inside the package")
     p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--objective", choices=("ddpm", "flow"), default="ddpm")
@@ -677,10 +787,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-shift", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT_NAME}")
     p.add_argument("--threads", type=int, default=2)
     p = sub.add_parser("train-classifier", help="train the digit classifier (FID feature network)")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="output folder (default: ./digits-classifier)")
+    p.add_argument("--bundled", action="store_true", help="write into the bundled folder inside the package")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -692,6 +803,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.command in ("train", "train-classifier"):
+        name = "classifier" if args.command == "train-classifier" else args.objective
+        bundled = CLASSIFIER_DIR if args.command == "train-classifier" else bundled_model_path(args.objective)
+        if args.bundled and args.out is not None:
+            parser.error("give either --out or --bundled, not both")
+        args.out = bundled if args.bundled else args.out or f"digits-{name}"
+        print(f"writing to {os.path.abspath(args.out)}")
     if args.command == "train":
         info = train_digits_model(
             args.out,
