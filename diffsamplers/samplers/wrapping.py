@@ -8,16 +8,27 @@ a subclass only implements :meth:`WrappedScheduler._wrapped_step`.
 
 Config handling. The subclass ``__init__`` takes its own arguments, ``base_scheduler`` (the wrapped diffusers class
 name) and every configuration argument of the supported diffusers solvers (:data:`BASE_CONFIG_KEYS`), all defaulting
-to ``None`` = "the wrapped scheduler's own default". After the base is built its effective values are written back
-into this config, so pipelines that read ``scheduler.config.<name>`` see what the base uses.
-``X.from_config(pipe.scheduler.config)`` therefore carries the model's schedule over (and picks the pipeline's own
-solver as the base when it is supported), and ``save_pretrained``/``from_pretrained`` round-trip.
+to ``None`` = "the wrapped scheduler's own default". After the base is built, every key it has is written back
+into this config with the value the base actually uses, so ``scheduler.config[k] == scheduler.base.config[k]`` and
+pipelines that read ``scheduler.config.<name>`` see what runs. Where the base replaces a value it does not implement
+(``DPMSolverMultistepScheduler`` runs a DEIS config's ``algorithm_type="deis"`` as ``"dpmsolver++"`` and its
+``solver_type="logrho"`` or UniPC's ``"bh1"``/``"bh2"`` as ``"midpoint"``; ``UniPCMultistepScheduler`` runs
+``"midpoint"``/``"heun"``/``"logrho"`` as ``"bh2"``), the replacement is what ``<Base>.from_config`` of that config
+does in diffusers itself; here it also warns, naming the replaced values. Values the base refuses raise a
+``ValueError``. Keys the base does not take (a DPM-Solver ``solver_order`` on a DDIM base) are kept as given and
+ignored. ``X.from_config(pipe.scheduler.config)`` therefore carries the model's schedule over, and
+``save_pretrained``/``from_pretrained`` round-trip.
+
+``step`` takes the wrapped solver's own positional arguments after ``sample`` (DDIM: ``eta``,
+``use_clipped_model_output``, ``generator``, ``variance_noise``, ``return_dict``), so a call written for the base
+works unchanged.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from typing import Any
 
 import diffusers
@@ -28,6 +39,13 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 
 from ..schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS
+from .checks import (
+    check_config_argument,
+    check_custom_timesteps,
+    check_learned_variance,
+    check_model_output,
+    check_num_inference_steps,
+)
 
 # the diffusers solvers that can be wrapped, resolved by name on first use: importing UniPC pulls in scipy.stats,
 # which would add about a second to `import diffsamplers`
@@ -119,6 +137,11 @@ BASE_CONFIG_DOC = """
             that SD3/Flux pipelines read).
 """
 
+# the defaults of WrappedScheduler.step's own keyword arguments (a positional argument may replace only these)
+_STEP_DEFAULTS: dict[str, Any] = dict(
+    eta=0.0, use_clipped_model_output=False, generator=None, variance_noise=None, return_dict=True
+)
+
 _VP_PREDICTIONS = ("epsilon", "sample", "v_prediction")
 _PREDICTIONS = {
     "DDIMScheduler": _VP_PREDICTIONS,
@@ -126,6 +149,10 @@ _PREDICTIONS = {
     "UniPCMultistepScheduler": _VP_PREDICTIONS + ("flow_prediction",),
     "FlowMatchEulerDiscreteScheduler": ("flow_prediction",),
 }
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    return value is default or (type(value) in (bool, int, float) and value == default)
 
 
 def _freeze(value: Any) -> Any:
@@ -169,9 +196,12 @@ class WrappedScheduler(SchedulerMixin, ConfigMixin):
         """As diffusers' ``from_config``. Without an explicit ``base_scheduler`` the base is
         ``FlowMatchEulerDiscreteScheduler`` for a flow-matching config (where this method supports it) and
         ``_default_base`` otherwise. A config whose noise schedule the chosen base cannot run (flow matching into a
-        VP solver, a VP schedule into FlowMatchEuler, EDM/VE) raises a ``ValueError``."""
-        if config is not None and hasattr(config, "keys"):
+        VP solver, a VP schedule into FlowMatchEuler, EDM/VE) or a learned-variance DDPM config raises a
+        ``ValueError``; a string (a path or Hub id: use ``from_pretrained``) a ``TypeError``."""
+        check_config_argument(config, cls)
+        if config is not None:
             source = dict(config)
+            check_learned_variance(source, cls)
             used_defaults = set(source.get("_use_default_values", []))
             base = kwargs.get("base_scheduler")
             if base is None and source.get("base_scheduler") is not None and "base_scheduler" not in used_defaults:
@@ -218,22 +248,32 @@ class WrappedScheduler(SchedulerMixin, ConfigMixin):
             not isinstance(c.num_train_timesteps, (int, np.integer)) or c.num_train_timesteps < 2
         ):
             raise ValueError(f"num_train_timesteps must be an integer >= 2, got {c.num_train_timesteps!r}")
-        if c.variance_type in ("learned", "learned_range"):
-            # a DDPM config's "fixed_small"/"fixed_large" only describe ancestral noise: the ODE solvers ignore them
-            raise ValueError(f"variance_type={c.variance_type!r} (learned-variance outputs) is not supported")
+        # a DDPM config's "fixed_small"/"fixed_large" only describe ancestral noise: the ODE solvers ignore them
+        check_learned_variance(c, type(self))
         self._build_base()
-        resolved = {
-            k: self.base.config[k]
-            for k in BASE_CONFIG_KEYS
-            if self.config.get(k) is None and self.base.config.get(k) is not None
-        }
-        self.register_to_config(**resolved)
+        self._adopt_base_config()
         self._base_snapshot = self._frozen_base_kwargs()
         self._check_base()
         self._levels: list[tuple[float, float, float, float]] | None = None
         self._timesteps_cpu: list[float] | None = None
         self._reset_wrapper_state()
         self._reset_state()
+
+    def _adopt_base_config(self) -> None:
+        """Write the base's values of every key it has into this config (see the module docstring), warning about
+        the values it replaced."""
+        base_config = self.base.config
+        adopted = {k: base_config[k] for k in BASE_CONFIG_KEYS if k in base_config}
+        replaced = [k for k, v in adopted.items() if self.config.get(k) is not None and _freeze(self.config[k]) != _freeze(v)]
+        if replaced:
+            given = ", ".join(f"{k}={self.config[k]!r}" for k in replaced)
+            used = ", ".join(f"{k}={adopted[k]!r}" for k in replaced)
+            warnings.warn(
+                f"{type(self).__name__}: {self.config.base_scheduler} does not implement {given}; it runs {used} "
+                "instead (as its own from_config of this config does), and the config now says so",
+                stacklevel=4,
+            )
+        self.register_to_config(**adopted)
 
     def _base_class(self, name: str) -> type:
         """The class to instantiate for ``name`` (a subclass may return a thin subclass of it)."""
@@ -244,6 +284,10 @@ class WrappedScheduler(SchedulerMixin, ConfigMixin):
         cls = getattr(diffusers, self.config.base_scheduler)
         keys = cls._get_init_keys(cls)
         kwargs = {k: self.config[k] for k in BASE_CONFIG_KEYS if k in keys and self.config.get(k) is not None}
+        if self.config.base_scheduler == "DPMSolverMultistepScheduler" and kwargs.get("algorithm_type") == "deis":
+            # DPMSolverMultistepScheduler runs "deis" as "dpmsolver++" itself, but checks final_sigmas_type against
+            # the unmapped name first and refuses its own default "zero": map it before, as it would after
+            kwargs["algorithm_type"] = "dpmsolver++"
         if kwargs.get("algorithm_type") in ("dpmsolver", "sde-dpmsolver") and "final_sigmas_type" not in kwargs:
             kwargs["final_sigmas_type"] = "sigma_min"  # DPMSolver refuses "zero" with noise prediction
         return kwargs
@@ -257,9 +301,16 @@ class WrappedScheduler(SchedulerMixin, ConfigMixin):
         try:
             self.base = self._base_class(name)(**kwargs)
         except (NotImplementedError, AssertionError, TypeError) as err:
-            raise ValueError(f"{name} rejected its configuration: {err}") from err
+            # diffusers' messages name the value ("lms is not implemented"), not the argument: name it here
+            named = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if isinstance(v, str) and v in str(err))
+            raise ValueError(f"{name} rejected its configuration{f' ({named})' if named else ''}: {err}") from err
         self._set_timesteps_params = set(inspect.signature(self.base.set_timesteps).parameters)
-        self._step_params = set(inspect.signature(self.base.step).parameters)
+        step_parameters = list(inspect.signature(self.base.step).parameters.values())[3:]  # after sample
+        self._step_params = {p.name for p in step_parameters}
+        # the names of the base's positional arguments after `sample`, in order (step maps *args onto them)
+        self._step_positional = tuple(
+            p.name for p in step_parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        )
 
     def _check_base(self) -> None:
         """Method-specific checks of the built base (raise ``ValueError``)."""
@@ -378,28 +429,29 @@ class WrappedScheduler(SchedulerMixin, ConfigMixin):
             sigmas (`list[float]`, *optional*): custom sigmas, if the wrapped solver takes them.
             mu (`float`, *optional*): dynamic-shifting parameter, if the wrapped solver takes it.
         """
-        if num_inference_steps is not None and (
-            isinstance(num_inference_steps, bool)
-            or not isinstance(num_inference_steps, (int, np.integer))
-            or num_inference_steps < 1
-        ):
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if num_inference_steps is None and timesteps is None and sigmas is None:
             raise ValueError("give num_inference_steps, timesteps or sigmas")
         if self._frozen_base_kwargs() != self._base_snapshot:
             # the config was edited after construction (StableDiffusionPipeline rewrites steps_offset): rebuild
             self._build_base()
+            self._adopt_base_config()
             self._check_base()
             self._base_snapshot = self._frozen_base_kwargs()
         name = self.config.base_scheduler
+        # flow grids live on continuous time: any number of steps is distinct there
+        train_steps = None if self.is_flow else self.base.config.num_train_timesteps
         call: dict[str, Any] = {"device": device}
         if num_inference_steps is not None:
-            call["num_inference_steps"] = int(num_inference_steps)
+            call["num_inference_steps"] = check_num_inference_steps(num_inference_steps, train_steps)
         for key, value in (("timesteps", timesteps), ("sigmas", sigmas), ("mu", mu)):
             if value is None:
                 continue
             if key not in self._set_timesteps_params:
                 raise ValueError(f"{name} does not take custom `{key}` in set_timesteps")
+            if key == "timesteps":
+                check_custom_timesteps(value, train_steps)
+            elif key == "sigmas":
+                check_custom_timesteps(value, None, name="sigmas")
             call[key] = value
         self.base.set_timesteps(**call)
         self._build_levels()
@@ -453,6 +505,9 @@ class WrappedScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("call set_timesteps before step")
         if hasattr(self.base, "step_index"):
             if self.base.step_index is None:
+                if self.base.begin_index is None:
+                    # diffusers' DPMSolver/UniPC silently start at the last index for a timestep not in the grid
+                    self._check_on_grid(timestep)
                 self.base._init_step_index(timestep)
             index = self.base.step_index
         else:
@@ -463,6 +518,31 @@ class WrappedScheduler(SchedulerMixin, ConfigMixin):
         if index >= len(self._levels):
             raise ValueError("step called more times than there are timesteps; call set_timesteps again")
         return index
+
+    def _check_on_grid(self, timestep: Any) -> None:
+        timesteps = self.base.timesteps
+        if isinstance(timestep, torch.Tensor) and timestep.numel() != 1:
+            raise ValueError(f"timestep must be one entry of timesteps, got a tensor of shape {tuple(timestep.shape)}")
+        if not bool((timesteps == torch.as_tensor(timestep).to(timesteps.device)).any()):
+            raise ValueError(f"timestep {timestep!r} is not in this scheduler's timesteps (call set_timesteps first)")
+
+    def _positional_step_arguments(self, args: tuple, named: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        """Map ``step``'s positional arguments after ``sample`` onto the wrapped solver's own parameter names
+        (``named``: this class's keyword arguments with their defaults; others go into ``kwargs``), in place."""
+        names = self._step_positional
+        if len(args) > len(names):
+            listed = ", ".join(("model_output", "timestep", "sample") + names)
+            raise TypeError(
+                f"step takes at most {3 + len(names)} positional arguments with base {self.config.base_scheduler} "
+                f"({listed}), got {3 + len(args)}"
+            )
+        for key, value in zip(names, args):
+            if key in kwargs or (key in named and not _is_default(named[key], _STEP_DEFAULTS[key])):
+                raise TypeError(f"step got multiple values for argument {key!r}")
+            if key in named:
+                named[key] = value
+            else:
+                kwargs[key] = value
 
     def _step_kwargs(
         self,
@@ -505,7 +585,7 @@ class WrappedScheduler(SchedulerMixin, ConfigMixin):
         model_output: torch.Tensor,
         timestep: int | float | torch.Tensor,
         sample: torch.Tensor,
-        *,
+        *args: Any,
         eta: float = 0.0,
         use_clipped_model_output: bool = False,
         generator: torch.Generator | None = None,
@@ -516,9 +596,13 @@ class WrappedScheduler(SchedulerMixin, ConfigMixin):
         """One step of the wrapped solver with this method's change.
 
         Args:
-            model_output (`torch.Tensor`): the (guided) model output at ``sample``.
+            model_output (`torch.Tensor`): the (guided) model output at ``sample``, of ``sample``'s shape.
             timestep (`int`, `float` or `torch.Tensor`): the current entry of ``timesteps``.
             sample (`torch.Tensor`): the current sample.
+            *args: the wrapped solver's own positional arguments after ``sample``, in its order (DDIM: ``eta,
+                use_clipped_model_output, generator, variance_noise, return_dict``; DPMSolverMultistep:
+                ``generator, variance_noise, return_dict``; UniPC: ``return_dict``; FlowMatchEuler: ``s_churn,
+                s_tmin, s_tmax, s_noise, generator, per_token_timesteps, return_dict``).
             eta (`float`, defaults to 0.0): DDIM's noise weight (DDIM base only; must be 0 otherwise).
             use_clipped_model_output (`bool`, defaults to `False`): DDIM base only.
             generator (`torch.Generator`, *optional*): passed on where the wrapped solver takes it.
@@ -527,11 +611,25 @@ class WrappedScheduler(SchedulerMixin, ConfigMixin):
             **kwargs: further keyword arguments of the wrapped solver's ``step`` (e.g. FlowMatchEuler's ``s_churn``).
 
         Returns:
-            The wrapped solver's output (``prev_sample`` first), or a tuple.
+            The wrapped solver's output (``prev_sample`` first, in ``sample``'s dtype), or a tuple.
         """
-        step_kwargs = self._step_kwargs(eta, use_clipped_model_output, generator, variance_noise, kwargs)
+        named = dict(
+            eta=eta,
+            use_clipped_model_output=use_clipped_model_output,
+            generator=generator,
+            variance_noise=variance_noise,
+            return_dict=return_dict,
+        )
+        if args:
+            self._positional_step_arguments(args, named, kwargs)
+        return_dict = named.pop("return_dict")
+        step_kwargs = self._step_kwargs(**named, extra=kwargs)
+        check_model_output(model_output, sample)
         index = self._begin_step(timestep)
         output = self._wrapped_step(model_output, timestep, sample, index, step_kwargs)
+        if output.prev_sample.dtype != sample.dtype:
+            # a half-precision model output with a float32 sample: the sample's precision is the one to keep
+            output.prev_sample = output.prev_sample.to(sample.dtype)
         if not hasattr(self.base, "step_index"):
             self._own_step_index = index + 1
         return output if return_dict else output.to_tuple()
