@@ -264,7 +264,9 @@ class WrappedScheduler(SchedulerMixin, ConfigMixin):
         the values it replaced."""
         base_config = self.base.config
         adopted = {k: base_config[k] for k in BASE_CONFIG_KEYS if k in base_config}
-        replaced = [k for k, v in adopted.items() if self.config.get(k) is not None and _freeze(self.config[k]) != _freeze(v)]
+        replaced = [
+            k for k, v in adopted.items() if self.config.get(k) is not None and _freeze(self.config[k]) != _freeze(v)
+        ]
         if replaced:
             given = ", ".join(f"{k}={self.config[k]!r}" for k in replaced)
             used = ", ".join(f"{k}={adopted[k]!r}" for k in replaced)
