@@ -1,13 +1,20 @@
 # Copyright 2026 The diffsamplers authors. Licensed under the Apache License, Version 2.0.
-"""LML, Levenberg-Marquardt-Langevin (Wang, Yin et al., arXiv 2505.24222, ICCV 2025) on diffusers' solvers.
+"""LML, Levenberg-Marquardt-Langevin sampling (Wang, Yin et al., "Unleashing High-Quality Image Generation in
+Diffusion Sampling Using Second-Order Levenberg-Marquardt-Langevin", arXiv 2505.24222, ICCV 2025), on diffusers'
+solvers.
 
-Research notes: /work/shared/research/lml_stsl.md part 1 (the spec, "§1.x" below).
+The operator and where it enters each solver follow the authors' official code, github.com/zituitui/LML-diffusion-
+sampler (MIT; read at commit e19cbdc, files ``scheduler/scheduling_ddim_lm.py``,
+``scheduler/scheduling_dpmsolver_multistep_lm.py`` and ``scheduler/scheduling_flow_match_euler_discrete_lm.py``).
+Only the paper's abstract and figures could be read when this was written, not its method section, theorems or
+tables, so equation numbers of the paper are not given here. **Unverified**: that the released rank-one factor
+``u`` (below) is the paper's low-rank Hessian approximation, the paper's error bound and convergence result, and
+all of its reported numbers.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from typing import Any
 
@@ -34,39 +41,35 @@ def lm_correct(
     lm_kappa: float,
     formula: str = "stable",
 ) -> torch.Tensor:
-    """The released LML operator on a batch of directions ``g`` (spec §1.3), per sample over all non-batch dims.
+    """The released LML operator on a batch of directions ``g``, per sample over all non-batch dims (as in the
+    official scheduler files).
 
     ``u = kappa * g_prev + (1 - kappa) * g`` (``u = g`` without a previous direction), then the damped rank-one
     Levenberg-Marquardt solve ``d = lambda * (lambda * I + u u^T)^{-1} g = g - u <u, g> / (lambda + |u|^2)``
     (Sherman-Morrison), renormalised to the length of ``g``: ``LM(g) = |g| / |d| * d``.
 
-    ``formula="stable"`` (spec §1.6, recommendation 1) evaluates the operator without cancellation through
-    ``r = u - g = kappa * delta``, ``delta = g_prev - g``: ``d ~ g * (lambda + <u, r>) - r * <u, g>``, and returns
-    ``g`` itself when ``kappa = 0`` (the operator is then the identity in exact arithmetic, §1.6a). Every
-    reduction is a float64 dot product (float32 on MPS) of the two directions: ``d`` lies in their span, so ``<u, r>``,
-    ``<u, g>`` and ``|d|^2`` are all read off the 2x2 Gram matrix of ``(g, g_prev)`` (see :func:`_lm_coefficients`)
-    and ``LM(g) = A g + B delta`` is formed elementwise in float32 (float64 for float64 input).
-    ``formula="reference"`` is the released order of operations in float32, whose cancellation perturbs ``g`` even
-    at ``kappa = 0`` (§1.6b); it is here only to reproduce that behaviour. A zero ``d`` returns ``g``.
+    ``formula="stable"`` evaluates the operator without cancellation. With ``r = u - g = kappa * delta``,
+    ``delta = g_prev - g``, ``d`` is proportional to ``g * (lambda + <u, r>) - r * <u, g>``; ``d`` lies in the span of
+    ``g`` and ``g_prev``, so every reduction is read off their 2x2 Gram matrix, computed in float64 (float32 on MPS),
+    and ``LM(g) = A g + B delta`` is formed elementwise in float32 (float64 for float64 input); see
+    :func:`_lm_coefficients`. At ``kappa = 0`` (``u = g``) the operator is the identity in exact arithmetic, and
+    ``g`` itself is returned.
+
+    ``formula="reference"`` is the released order of operations in float32. With typical ``lambda`` (1e-3) and
+    ``|g|^2`` (1e2 to 1e4) the subtraction ``g - u <u, g> / (lambda + |u|^2)`` cancels catastrophically, so it
+    perturbs ``g`` even at ``kappa = 0`` (by a relative ``eps32 * |g|^2 / lambda`` or so); it is here only to
+    reproduce the released behaviour. A zero ``d`` returns ``g``.
 
     Returns a tensor of ``g``'s shape and dtype.
     """
-    if g_prev is None and formula == "stable":
-        return g
-    if formula == "stable" and lm_kappa == 0:
-        return g
-    batch = g.shape[0]
     if formula == "stable":
+        if g_prev is None or lm_kappa == 0:
+            return g
         dtype = torch.promote_types(g.dtype, torch.float32)
-        gf = g.reshape(batch, -1).to(dtype)
-        pf = g_prev.reshape(batch, -1).to(dtype)
-        pair = torch.empty((batch, 2, gf.shape[1]), dtype=_accumulate_dtype(g.device), device=g.device)
-        pair[:, 0].copy_(gf)
-        pair[:, 1].copy_(pf)
-        gram = torch.bmm(pair, pair.transpose(1, 2))  # (B, 2, 2): <g, g>, <g, g_prev>, <g_prev, g_prev>
-        a_minus_1, b = _coefficient_tensors(gram[:, 0, 0], gram[:, 0, 1], gram[:, 1, 1], lm_lambda, lm_kappa, gf)
-        out = torch.addcmul(gf, gf, a_minus_1).addcmul_(pf - gf, b)
-        return out.reshape(g.shape).to(g.dtype)
+        gf, pf = g.to(dtype), g_prev.to(dtype)
+        a_minus_1, b = _coefficient_tensors(gf, pf, lm_lambda, lm_kappa)
+        return torch.addcmul(gf, gf, a_minus_1).addcmul_(pf - gf, b).to(g.dtype)
+    batch = g.shape[0]
     gf = g.reshape(batch, -1).to(torch.float32)
     u = gf if g_prev is None else lm_kappa * g_prev.reshape(batch, -1).to(torch.float32) + (1 - lm_kappa) * gf
     d = gf - u * ((u * gf).sum(-1, keepdim=True) / (lm_lambda + (u * u).sum(-1, keepdim=True)))
@@ -84,9 +87,11 @@ def _accumulate_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _lm_coefficients(gg: Any, gp: Any, pp: Any, lm_lambda: float, lm_kappa: float) -> tuple[Any, Any]:
-    """``(A - 1, B)`` with ``LM(g) = A g + B (g_prev - g)``, from ``<g, g>``, ``<g, g_prev>`` and
-    ``<g_prev, g_prev>``: Python floats (one sample) or float64 tensors (per sample; float32 on MPS).
+def _lm_coefficients(
+    gg: torch.Tensor, gp: torch.Tensor, pp: torch.Tensor, lm_lambda: float, lm_kappa: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A - 1, B)`` with ``LM(g) = A g + B (g_prev - g)``, per sample, from the float64 (float32 on MPS) tensors
+    ``<g, g>``, ``<g, g_prev>`` and ``<g_prev, g_prev>``.
 
     With ``delta = g_prev - g``, ``u = g + kappa delta`` and ``d = a g - kappa b delta``, ``a = lambda + <u, r>``,
     ``b = <u, g>``. Writing ``d = lambda g + (|u|^2 g - <u, g> u)`` (the second term is orthogonal to ``u``) gives
@@ -96,137 +101,31 @@ def _lm_coefficients(gg: Any, gp: Any, pp: Any, lm_lambda: float, lm_kappa: floa
     between ``g`` and ``g_prev``, far below the float32 rounding of the result unless ``g_prev`` is parallel to ``g``
     to about 8 digits. Then ``A = |g| / |d| * a`` and ``B = -|g| / |d| * kappa * b``; ``A - 1`` is returned so that
     a step adding ``(A - 1) g`` keeps float64 accuracy in the coefficient. A zero ``g`` gives ``(-1, 0)``, i.e.
-    ``LM(0) = 0``.
+    ``LM(0) = 0``. (The Triton kernels of :mod:`._lml_triton` evaluate the same expressions, term for term.)
     """
     lam, kappa = lm_lambda, lm_kappa
     g_delta = gp - gg  # <g, delta>
     delta_delta = (pp - gp) - g_delta  # |delta|^2
     u_g = gg + kappa * g_delta  # b = <u, g>
     u_r = kappa * (g_delta + kappa * delta_delta)  # <u, r>, r = kappa delta
-    det = _clamp_min(gg * pp - gp * gp, 0.0)  # rounding can leave it slightly negative
+    det = (gg * pp - gp * gp).clamp(min=0.0)  # rounding can leave it slightly negative
     d_sq = lam * lam * gg + (kappa * kappa) * det * (u_g + u_r + 2.0 * lam)
     # lambda > 0, so d_sq = 0 only for g = 0; the floor then gives scale 0, u_g = 0, and LM(0) = 0 without a branch
-    scale = _sqrt(gg / _clamp_min(d_sq, _tiny(d_sq)))  # |g| / |d|
+    scale = (gg / d_sq.clamp(min=torch.finfo(d_sq.dtype).tiny)).sqrt()  # |g| / |d|
     return scale * (u_r + lam) - 1.0, (-kappa) * scale * u_g
 
 
-def _tiny(value: Any) -> float:
-    """The smallest positive normal number of ``value``'s type (float32 on MPS)."""
-    return sys.float_info.min if isinstance(value, float) else torch.finfo(value.dtype).tiny
-
-
-def _clamp_min(value: Any, floor: float) -> Any:
-    if isinstance(value, float):
-        return value if value > floor else floor
-    return value.clamp(min=floor)
-
-
-def _sqrt(value: Any) -> Any:
-    return math.sqrt(value) if isinstance(value, float) else value.sqrt()
-
-
 def _coefficient_tensors(
-    gg: torch.Tensor, gp: torch.Tensor, pp: torch.Tensor, lm_lambda: float, lm_kappa: float, like: torch.Tensor
+    g: torch.Tensor, g_prev: torch.Tensor, lm_lambda: float, lm_kappa: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_lm_coefficients` per sample from float64 tensors of shape ``(B,)``, as tensors that broadcast over
-    ``like`` in its dtype and device.
-
-    On the CPU the ``B`` triples are read as Python floats (no device sync there) and the algebra runs on the host:
-    its two dozen scalar operations cost far less than the two dozen torch calls (or NumPy calls) on ``(B,)``
-    tensors, which dominated a step on small latents. Elsewhere it stays on the device, so a step never waits
-    for the device; the same on CPU tensors that require grad, to keep the operator differentiable.
-    """
-    shape = (2, like.shape[0]) + (1,) * (like.ndim - 1)
-    if gg.device.type == "cpu" and not (gg.requires_grad or gp.requires_grad or pp.requires_grad):
-        lm_lambda, lm_kappa = float(lm_lambda), float(lm_kappa)
-        pairs = [_lm_coefficients(*t, lm_lambda, lm_kappa) for t in zip(gg.tolist(), gp.tolist(), pp.tolist())]
-        both = torch.tensor(list(zip(*pairs)), dtype=like.dtype).view(shape).to(like.device)
-    else:
-        both = torch.stack(_lm_coefficients(gg, gp, pp, lm_lambda, lm_kappa)).to(like.dtype).view(shape)
-    return both[0], both[1]
-
-
-class _DirectionGram:
-    """Float64 copies of the last two directions of a run and their dot products, reused across steps.
-
-    Each step converts only its own ``g`` into one of two slots of a ``(B, 2, n)`` buffer; one batched product with
-    the buffer gives ``<g, g>`` and ``<g, g_prev>``, and ``<g_prev, g_prev>`` is the previous step's ``<g, g>``. That
-    is one float64 pass per step, against four converted reductions (with fresh float64 temporaries) for the
-    elementwise formula. On the CPU the per-sample algebra runs on Python floats and its result is written into a
-    reused coefficient tensor through a NumPy view, so the bookkeeping costs a handful of torch calls: on small
-    latents every torch call costs about as much as the arithmetic.
-    """
-
-    def __init__(self, like: torch.Tensor) -> None:
-        batch = like.shape[0]
-        self.shape, self.device, self.dtype = like.shape, like.device, like.dtype
-        buffer = torch.empty(
-            (batch, 2, like.numel() // batch), dtype=_accumulate_dtype(like.device), device=like.device
-        )
-        self.buffer, self.transposed = buffer, buffer.transpose(1, 2)
-        self.slots = (buffer[:, 0].view(like.shape), buffer[:, 1].view(like.shape))
-        self.rows = (buffer[:, 0:1], buffer[:, 1:2])
-        self.slot: int | None = None  # the slot that holds g_prev, once a step has filled it
-        self.norm: Any = None  # <g_prev, g_prev>: a list of floats on the host path, else a tensor
-        self.coefficient_shape = (batch,) + (1,) * (like.ndim - 1)
-        self.host = like.device.type == "cpu" and like.dtype in (torch.float32, torch.float64)
-        if self.host:
-            self.coefficients = torch.empty((3,) + self.coefficient_shape, dtype=like.dtype)
-            self.coefficient_views = tuple(self.coefficients.unbind(0))
-            self.coefficients_host = self.coefficients.numpy().reshape(3, batch)
-
-    def matches(self, like: torch.Tensor) -> bool:
-        return like.shape == self.shape and like.device == self.device and like.dtype == self.dtype
-
-    def coefficients_for(
-        self, g: torch.Tensor, g_prev: torch.Tensor, lm_lambda: float, lm_kappa: float
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(A - 1, B, w)`` for ``g``, broadcasting over it (see :func:`_lm_coefficients`); records ``g`` as the
-        next step's ``g_prev``. ``w = B / (A - 1)`` where every sample has ``A != 1`` (host path only, else
-        ``None``): then ``(A - 1) g + B delta = (A - 1) lerp(g, g_prev, w)``, one elementwise pass fewer, with the
-        same rounding as forming ``delta`` (``lerp`` takes the difference of its end points itself). The host
-        tensors are overwritten by the next call: use them before then."""
-        host = self.host and not (g.requires_grad or g_prev.requires_grad)  # keep autograd graphs on the device path
-        previous = self.slot
-        slot = 1 if previous == 0 else 0
-        other = 1 - slot
-        self.slots[slot].copy_(g)
-        if previous is None or (host and not isinstance(self.norm, list)):
-            # g_prev not converted yet: the second step of a run, after frozen steps, or a switch of path
-            self.slots[other].copy_(g_prev)
-            gram = torch.bmm(self.buffer, self.transposed)  # (B, 2, 2)
-            if host:
-                rows = gram.tolist()
-                gg, gp, pp = (
-                    [r[slot][slot] for r in rows],
-                    [r[slot][other] for r in rows],
-                    [r[other][other] for r in rows],
-                )
-            else:
-                gg, gp, pp = gram[:, slot, slot], gram[:, slot, other], gram[:, other, other]
-        else:
-            gram = torch.bmm(self.rows[slot], self.transposed)  # (B, 1, 2): <g, slot 0>, <g, slot 1>
-            if host:
-                rows = gram.tolist()
-                gg, gp = [r[0][slot] for r in rows], [r[0][other] for r in rows]
-            else:
-                gg, gp = gram[:, 0, slot], gram[:, 0, other]
-            pp = self.norm
-        self.slot, self.norm = slot, gg
-        if host:
-            a_minus_1, b, w = self.coefficients_host
-            lerp = True
-            for i, (x, y, z) in enumerate(zip(gg, gp, pp)):
-                a_minus_1[i], b[i] = alpha, beta = _lm_coefficients(x, y, z, lm_lambda, lm_kappa)
-                # w overflows float32 only if A - 1 is 1e-38 of B: then take the delta form
-                lerp = lerp and abs(beta) < 1e30 * abs(alpha)
-                w[i] = beta / alpha if lerp else 0.0
-            alpha_view, beta_view, w_view = self.coefficient_views
-            return alpha_view, beta_view, w_view if lerp else None
-        if isinstance(pp, list):  # the previous step took the host path
-            pp = torch.tensor(pp, dtype=gg.dtype, device=gg.device)
-        a_minus_1, b = _lm_coefficients(gg, gp, pp, lm_lambda, lm_kappa)
-        return a_minus_1.to(g.dtype).view(self.coefficient_shape), b.to(g.dtype).view(self.coefficient_shape), None
+    """:func:`_lm_coefficients` for the batch ``g`` (first dim = samples), from one batched float64 Gram product of
+    ``(g, g_prev)``, shaped to broadcast over ``g`` and in its dtype."""
+    batch = g.shape[0]
+    pair = torch.stack((g.reshape(batch, -1), g_prev.reshape(batch, -1)), dim=1).to(_accumulate_dtype(g.device))
+    gram = torch.bmm(pair, pair.transpose(1, 2))  # (B, 2, 2): <g, g>, <g, g_prev>, <g_prev, g_prev>
+    a_minus_1, b = _lm_coefficients(gram[:, 0, 0], gram[:, 0, 1], gram[:, 1, 1], lm_lambda, lm_kappa)
+    shape = (batch,) + (1,) * (g.ndim - 1)
+    return a_minus_1.to(g.dtype).view(shape), b.to(g.dtype).view(shape)
 
 
 # what the fused kernels read besides the float32 directions (a half-precision pipeline's sample)
@@ -289,20 +188,22 @@ class LMLScheduler(WrappedScheduler):
         r"""
     Levenberg-Marquardt-Langevin (Wang, Yin et al. 2025, arXiv 2505.24222) on a diffusers solver: DDIM (the noise
     direction), DPMSolverMultistep (``"dpmsolver"``/``"dpmsolver++"``, orders 1-3; the whole increment) or
-    FlowMatchEuler (the velocity), as in the official scheduler files (spec §1.3).
+    FlowMatchEuler (the velocity), where the official scheduler files of github.com/zituitui/LML-diffusion-sampler
+    put the correction.
 
     At each step the solver's first-order direction ``g`` is replaced by ``LM(g)`` (see :func:`lm_correct`): the
     component of ``g`` along the rank-one "Hessian" direction ``u = kappa * g_prev + (1 - kappa) * g`` (``g_prev``
     the uncorrected direction of the previous step) is damped by ``lambda / (lambda + |u|^2)``, and the result is
     rescaled to ``|g|``. No model call is added. That ``u`` is the paper's low-rank Hessian factor is our reading
-    of the released code and is **unverified** against the paper (spec §1.2); so are the paper's results (§1.5).
+    of the released code and is **unverified** against the paper, whose method section we could not read; so are the
+    paper's reported results.
 
     **What the released defaults do.** With ``kappa = 0`` (the default of every official script) ``u = g`` and
-    ``LM(g) = g`` exactly: the operator is the identity in exact arithmetic and ``lambda`` has no effect (spec
-    §1.6a). The released float32 formula is not the identity only through catastrophic cancellation (§1.6b);
-    ``formula="reference"`` reproduces that, ``"stable"`` (default) computes the operator without cancellation, so
-    ``kappa = 0`` here is exactly the base solver. The defaults below keep the released ``lambda = 1, kappa = 0``:
-    this scheduler is then the base solver, bit for bit.
+    ``LM(g) = g`` exactly: the operator is the identity in exact arithmetic and ``lambda`` has no effect. The
+    released float32 formula differs from the identity only through catastrophic cancellation (see
+    :func:`lm_correct`); ``formula="reference"`` reproduces that, ``"stable"`` (default) computes the operator without
+    cancellation, so ``kappa = 0`` here is exactly the base solver. The defaults below keep the released
+    ``lambda = 1, kappa = 0``: this scheduler is then the base solver, bit for bit.
 
     **Testbed measurement** (exact Gaussian-mixture testbed, ``exact_testbed_errors`` with ``TESTBED_CONFIG``, 32
     samples, seed 0; FlowMatch-Euler on the same mixture with ``shift=3``; RMSE / base RMSE at NFE 5 / 10; ``lambda``
@@ -332,14 +233,18 @@ class LMLScheduler(WrappedScheduler):
     0.63 / 0.17. It beats its base at NFE 4 and 6 (and in RMSE everywhere) and is level or slightly worse in FID
     at NFE 8 and 10. The released defaults remain the base solver.
 
+    The result has ``sample``'s dtype (a float16 model output with a float32 sample gives float32); the solver and
+    the correction run in at least float32.
+
     Args:
         base_scheduler (`str`, *optional*): `"DDIMScheduler"`, `"DPMSolverMultistepScheduler"` or
             `"FlowMatchEulerDiscreteScheduler"`; defaults to FlowMatchEuler for flow-matching configs and to
             `"DPMSolverMultistepScheduler"` (the official scripts' solver) otherwise.
         lm_lambda (`float`, defaults to 1.0): the damping ``lambda`` > 0 (official default 1.0; scripts 1e-4 ... 5).
         lm_kappa (`float`, defaults to 0.0): the EMA weight ``kappa`` in [0, 1] of the previous direction in ``u``.
-        freeze_fraction (`float`, defaults to 0.0): in [0, 1); the correction is skipped at timesteps above
-            ``num_train_timesteps * (1 - freeze_fraction)`` (the noisiest fraction; official DDIM ``freeze``).
+        freeze_fraction (`float`, defaults to 0.0): in [0, 1); as the official DDIM ``freeze``, the correction is
+            applied only where ``t < num_train_timesteps * (1 - freeze_fraction)`` (strictly), so the noisiest
+            fraction of the run is left alone; 0 corrects every step.
         placement (`str`, defaults to `"auto"`): `"noise_direction"` (DDIM only: ``x_next = a_next * x0 +
             sqrt(1 - a_next^2 - std^2) * LM(eps) + std * z``, x0 from the raw prediction), `"increment"` (``x_next =
             c * x + LM(x_next - c * x)``, ``c`` the solver's sample coefficient; deterministic steps only) or
@@ -350,8 +255,8 @@ class LMLScheduler(WrappedScheduler):
     Attributes:
         fused_kernels (`bool`, defaults to `True`): on CUDA float32 directions, compute the correction with one
             fused Triton kernel (two for samples of over 2^17 elements; :mod:`diffsamplers.samplers._lml_triton`:
-            the same float64 reductions, results equal to the eager path's to float32 rounding) instead of about
-            thirty small eager kernels, which made the step launch-bound. Set it to `False` for the eager path; that
+            the same float64 reductions, results equal to the eager path's to float32 rounding) instead of about a
+            dozen small eager kernels, which made the step launch-bound. Set it to `False` for the eager path; that
             is used anyway where Triton is missing or its kernels fail to compile.
 """
         + BASE_CONFIG_DOC
@@ -462,25 +367,19 @@ class LMLScheduler(WrappedScheduler):
     def _reset_state(self) -> None:
         self._g_prev: torch.Tensor | None = None
         self._lm_parameters = (float(self.config.lm_lambda), float(self.config.lm_kappa))
-        # reused buffers (see `_DirectionGram`, `_ring` and `_spare`), kept across runs of one latent shape
-        if "_gram" not in self.__dict__:
-            self._gram: _DirectionGram | None = None
-            self._ring_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-            self._spare_buffer: torch.Tensor | None = None
-            self._fused: Any = None  # a _lml_triton.FusedCorrection once a CUDA step used it
-        elif self._gram is not None:
-            self._gram.slot = None
+        if "_fused" not in self.__dict__:
+            self._fused: Any = None  # a _lml_triton.FusedCorrection once a CUDA step used it (kept across runs)
         self._apply_at: list[bool] | None = None
         if self._timesteps_cpu is not None:
-            # official DDIM freeze rule t < 1000 (1 - freeze), with the schedule's own length and "<=" so that a flow
-            # schedule's t = 1000 is not frozen at freeze_fraction = 0
-            limit = self.base.config.num_train_timesteps * (1 - self.config.freeze_fraction)
-            self._apply_at = [t <= limit for t in self._timesteps_cpu]
+            # the official DDIM rule, t < 1000 (1 - freeze), with the schedule's own length; freeze_fraction = 0
+            # corrects every step (a flow schedule starts at t = 1000, which the strict rule would leave out)
+            freeze = self.config.freeze_fraction
+            limit = self.base.config.num_train_timesteps * (1 - freeze)
+            self._apply_at = [freeze == 0 or t < limit for t in self._timesteps_cpu]
 
     @property
     def previous_direction(self) -> torch.Tensor | None:
-        """The uncorrected direction ``g`` of the last step (``g_prev`` of the next one). With the increment
-        placement it lives in a buffer that the step after next overwrites: clone it to keep it."""
+        """The uncorrected direction ``g`` of the last step (``g_prev`` of the next one)."""
         return self._g_prev
 
     def _increment_coefficient(self, index: int) -> float:
@@ -503,138 +402,84 @@ class LMLScheduler(WrappedScheduler):
     ) -> BaseOutput:
         if not self.lm_active:
             return self._call_base(model_output, timestep, sample, step_kwargs)
-        config = self.config
-        apply = self._apply_at[index]
-        out_dtype = model_output.dtype
-        # the base solver runs in at least float32 while LML is on; the result is cast back to the output dtype
-        work = model_output.to(torch.promote_types(model_output.dtype, torch.float32))
         g_prev = self._g_prev
-        stable = config.formula == "stable"
+        # the freeze rule; without a previous direction the stable operator is the identity
+        correct = self._apply_at[index] and (g_prev is not None or self.config.formula == "reference")
+        # the base solver runs in at least float32 while LML is on (WrappedScheduler.step casts to sample's dtype)
+        dtype = torch.promote_types(torch.promote_types(model_output.dtype, sample.dtype), torch.float32)
+        work = model_output.to(dtype)
 
         placement = self.lm_placement
         if placement == "velocity":
             # FlowMatch-Euler: x_next = x + (sigma_next - sigma) * LM(v)  (stochastic: x0 = x - sigma * LM(v))
-            fused = self._fused_correction(work, g_prev) if apply and stable else None
-            corrected = None
-            if fused is not None:  # LM(v) in one kernel, a fresh tensor
-                corrected = self._run_fused(fused, work, None, 1.0, 0.0, g_prev, None, torch.empty_like(work), 1.0)
-            if corrected is None:
-                coefficients = self._coefficients(work, g_prev) if apply and stable else None
-                if coefficients is not None:  # LM(v) = v + (A - 1) v + B (v_prev - v), a fresh tensor
-                    corrected = self._add_correction(None, work, g_prev, coefficients, 1.0)
-                else:
-                    self._drop_gram()
-                    corrected = work
-                    if apply and not stable:
-                        corrected = lm_correct(work, g_prev, config.lm_lambda, config.lm_kappa, config.formula)
+            velocity = self._corrected(work, g_prev, None, 1.0) if correct else work
             self._g_prev = work
-            result = self._call_base(corrected, timestep, sample, step_kwargs)
-            result.prev_sample = result.prev_sample.to(out_dtype)
-            return result
+            return self._call_base(velocity, timestep, sample, step_kwargs)
 
         if placement == "increment" and step_kwargs.get("eta"):
             raise ValueError("placement='increment' needs a deterministic step: eta must be 0")
         result = self._call_base(work, timestep, sample, step_kwargs)
-        prev = result.prev_sample.to(work.dtype)
+        prev = result.prev_sample.to(dtype)
+        x = sample.to(dtype)
         if placement == "increment":
+            # the whole multistep increment g = x_next - c x (official DPM-Solver LM file): x_next = c x + LM(g)
             c = self._increment_coefficient(index)
-            # the whole multistep increment (official DPM-Solver LM files), into the ring slot g_prev is not in
-            ring = self._ring(prev)
-            slot = ring[1] if g_prev is ring[0] else ring[0]
-            fused = self._fused_correction(prev, g_prev, sample) if apply and stable else None
+            stable = self.config.formula == "stable"
+            fused = self._fused_increment(prev, sample, c, g_prev) if correct and stable else None
             if fused is not None:
-                # g = prev - c x and x_next = prev + (LM(g) - g) in one kernel, which reads a half-precision sample
-                # and writes a half-precision result itself
-                if out_dtype == prev.dtype and (prev is sample or prev is work or prev is model_output):
-                    prev = prev.clone()
-                out = prev if out_dtype == prev.dtype else torch.empty_like(prev, dtype=out_dtype)
-                new = self._run_fused(fused, prev, sample, 1.0, -c, g_prev, prev, out, 1.0, g_out=slot)
-                if new is not None:
-                    self._g_prev = slot
-                    result.prev_sample = new
-                    return result
-        x = sample.to(work.dtype)
-        if placement == "noise_direction":
+                self._g_prev, result.prev_sample = fused
+                return result
+            g = torch.sub(prev, x, alpha=c)
+            weight = 1.0  # x_next = prev + (LM(g) - g)
+        else:
             # DDIM eq. (12): only the "direction pointing to x_t" uses LM(eps); x0 keeps the raw prediction
             alpha, sigma, alpha_next, sigma_next = self._levels[index]
-            eta = step_kwargs.get("eta", 0.0)
             if step_kwargs.get("use_clipped_model_output") and result.pred_original_sample is not None:
-                g = (x - alpha * result.pred_original_sample.to(work.dtype)) / sigma
+                g = (x - alpha * result.pred_original_sample.to(dtype)) / sigma
             else:
-                g = _epsilon(work, x, alpha, sigma, self.prediction_type)
-            weight = math.sqrt(max(sigma_next**2 - self._ddim_noise_std(index, eta) ** 2, 0.0))
-        else:
-            g = torch.sub(prev, x, alpha=c, out=slot)
-            weight = 1.0  # x_next = c x + LM(g) = prev + (LM(g) - g)
-        fused = self._fused_correction(g, g_prev, prev) if apply and stable and placement != "increment" else None
-        # prev + weight * (LM(g) - g), in place on the base's fresh result (it keeps no reference to it) unless that
-        # is one of the inputs
-        if (fused is not None or (apply and stable and g_prev is not None)) and (
-            prev is sample or prev is work or prev is model_output
-        ):
-            prev = prev.clone()
-        new = None if fused is None else self._run_fused(fused, g, None, 1.0, 0.0, g_prev, prev, prev, weight)
-        if new is None:
-            coefficients = self._coefficients(g, g_prev) if apply and stable else None
-            if coefficients is not None:
-                new = self._add_correction(prev, g, g_prev, coefficients, weight)
-            else:
-                self._drop_gram()
-                new = prev  # LM(g) = g: the base step itself
-                if apply and not stable:
-                    corrected = lm_correct(g, g_prev, config.lm_lambda, config.lm_kappa, config.formula)
-                    new = prev + weight * (corrected - g)
+                g = to_x0_eps(work, x, alpha, sigma, self.prediction_type)[1]
+            std = self._ddim_noise_std(index, step_kwargs.get("eta", 0.0))
+            weight = math.sqrt(max(sigma_next**2 - std**2, 0.0))
         self._g_prev = g
-        result.prev_sample = new.to(out_dtype)
+        if correct:
+            result.prev_sample = self._corrected(g, g_prev, prev, weight)
         return result
 
-    def _add_correction(
-        self,
-        target: torch.Tensor | None,
-        g: torch.Tensor,
-        g_prev: torch.Tensor,
-        coefficients: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-        weight: float,
+    def _corrected(
+        self, g: torch.Tensor, g_prev: torch.Tensor | None, base: torch.Tensor | None, weight: float
     ) -> torch.Tensor:
-        """``target += weight * (LM(g) - g) = weight * ((A - 1) g + B (g_prev - g))`` in place; ``target=None``:
-        a fresh ``g + weight * (LM(g) - g)``."""
-        a_minus_1, b, w = coefficients
-        ring = self._ring_buffers
-        # g_prev in our own ring is dead once combined (its float64 copy is taken): the difference overwrites it,
-        # which spares a third latent-sized buffer, and so cache, on large latents
-        out = g_prev if ring is not None and (g_prev is ring[0] or g_prev is ring[1]) else self._spare(g)
-        if w is not None:  # (A - 1) lerp(g, g_prev, B / (A - 1)): two passes
-            mixed = torch.lerp(g, g_prev, w, out=out)
-            if target is None:
-                return torch.addcmul(g, mixed, a_minus_1, value=weight)
-            return target.addcmul_(mixed, a_minus_1, value=weight)
-        delta = torch.sub(g_prev, g, out=out)  # three passes
-        target = (
-            torch.addcmul(g, g, a_minus_1, value=weight)
-            if target is None
-            else target.addcmul_(g, a_minus_1, value=weight)
-        )
-        return target.addcmul_(delta, b, value=weight)
+        """A fresh ``base + weight * (LM(g) - g)`` (``base=None``: ``LM(g)`` itself), with the fused kernel where
+        this step can take it."""
+        config = self.config
+        if config.formula == "reference":
+            corrected = lm_correct(g, g_prev, config.lm_lambda, config.lm_kappa, "reference")
+            return corrected if base is None else base + weight * (corrected - g)
+        fused = self._fused_correction(g, g_prev, *(() if base is None else (base,)))
+        if fused is not None:
+            out = self._run_fused(fused, g, None, 1.0, 0.0, g_prev, base, torch.empty_like(g), weight)
+            if out is not None:
+                return out
+        # LM(g) - g = (A - 1) g + B (g_prev - g), added without forming LM(g) (whose rounding would cancel)
+        a_minus_1, b = _coefficient_tensors(g, g_prev, *self._lm_parameters)
+        target = g if base is None else base
+        return torch.addcmul(target, g, a_minus_1, value=weight).addcmul_(g_prev - g, b, value=weight)
 
-    def _ring(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two reused tensors shaped like ``like`` in which the increment ``g`` and ``g_prev`` alternate. On large
-        latents a fresh allocation per step costs page faults comparable to the arithmetic."""
-        ring = self._ring_buffers
-        if ring is None or ring[0].shape != like.shape or ring[0].dtype != like.dtype or ring[0].device != like.device:
-            ring = self._ring_buffers = (torch.empty_like(like), torch.empty_like(like))
-        return ring
-
-    def _spare(self, like: torch.Tensor) -> torch.Tensor:
-        """A reused tensor shaped like ``like`` for ``g_prev - g`` when ``g_prev`` is not ours to overwrite."""
-        spare = self._spare_buffer
-        if spare is None or spare.shape != like.shape or spare.dtype != like.dtype or spare.device != like.device:
-            spare = self._spare_buffer = torch.empty_like(like)
-        return spare
+    def _fused_increment(
+        self, prev: torch.Tensor, sample: torch.Tensor, c: float, g_prev: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(g, x_next)`` of the increment placement in one fused kernel, which forms ``g = prev - c x`` itself and
+        reads a half-precision sample and writes a result of its dtype; ``None`` where the eager path runs."""
+        fused = self._fused_correction(prev, g_prev, sample)
+        if fused is None:
+            return None
+        g = torch.empty_like(prev)
+        new = self._run_fused(fused, prev, sample, 1.0, -c, g_prev, prev, torch.empty_like(sample), 1.0, g_out=g)
+        return None if new is None else (g, new)
 
     def _run_fused(self, fused: Any, *args: Any, **kwargs: Any) -> torch.Tensor | None:
         """``fused(*args, **kwargs)``, or ``None`` (with a warning, and the eager path from then on for this device)
         if a kernel variant fails to compile here: that happens before its launch, and the one launch that may
-        precede it (long rows) only stores ``g`` into the ring slot the eager path then rewrites."""
+        precede it (long rows) only stores ``g`` into a fresh tensor that the eager path does not use."""
         try:
             return fused(*args, **kwargs)
         except Exception as error:
@@ -671,28 +516,4 @@ class LMLScheduler(WrappedScheduler):
             if module is None:
                 return None
             fused = self._fused = module.FusedCorrection(like, lm_lambda, lm_kappa)
-        self._drop_gram()  # the eager path's float64 copy of g_prev is stale after a fused step
         return fused
-
-    def _drop_gram(self) -> None:
-        """A step that did not record its ``g`` in float64: the next one converts its ``g_prev`` afresh."""
-        if self._gram is not None:
-            self._gram.slot = None
-
-    def _coefficients(
-        self, g: torch.Tensor, g_prev: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-        """``(A - 1, B, w)`` of :meth:`_DirectionGram.coefficients_for` for this step's ``g``, shaped to broadcast
-        over ``g`` and in its dtype; ``None`` on the first step (``LM(g) = g``)."""
-        gram = self._gram
-        if g_prev is None:
-            self._drop_gram()
-            return None
-        if gram is None or not gram.matches(g):
-            gram = self._gram = _DirectionGram(g)
-        return gram.coefficients_for(g, g_prev, *self._lm_parameters)
-
-
-def _epsilon(output: torch.Tensor, x: torch.Tensor, alpha: float, sigma: float, prediction_type: str) -> torch.Tensor:
-    """DDIM's ``pred_epsilon`` from a model output (scalar levels stay on the host: no host-device transfer)."""
-    return to_x0_eps(output, x, alpha, sigma, prediction_type)[1]
