@@ -21,7 +21,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "load_safetensors", "read_json", "safetensors_from_bytes", "sha256_hex", "temp_glob"]
+__all__ = [
+    "atomic_write",
+    "check_tensors",
+    "load_safetensors",
+    "load_tagged_safetensors",
+    "read_json",
+    "safetensors_from_bytes",
+    "sha256_hex",
+    "temp_glob",
+]
 
 _TEMP_SUFFIX = ".tmp"
 
@@ -137,3 +146,50 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     data = Path(path).read_bytes()
     tensors, metadata = safetensors_from_bytes(data, path)
     return tensors, metadata, data
+
+
+def load_tagged_safetensors(
+    path: str | os.PathLike, fmt: str, version: str, *, what: str, version_key: str = "version"
+) -> tuple[dict[str, Any], dict[str, str], bytes]:
+    """:func:`load_safetensors` for a file whose header names its format and version, as the project's files do.
+
+    Args:
+        path (`str` or `os.PathLike`): the file.
+        fmt (`str`): the expected ``format`` entry of the header metadata.
+        version (`str`): the expected format version.
+        what (`str`): the kind of file, for error messages ("StreamingStats", "GaussianStats", ...).
+        version_key (`str`, *optional*, defaults to `"version"`): the metadata key that holds the version.
+    """
+    tensors, metadata, data = load_safetensors(path)
+    name = os.fspath(path)
+    if metadata.get("format") != fmt:
+        raise ValueError(f"{name} is not a {what} file (format {metadata.get('format')!r})")
+    if metadata.get(version_key) != version:
+        raise ValueError(
+            f"{name} is a {what} file of format version {metadata.get(version_key)!r}; this version of diffsamplers "
+            f"reads version {version!r}"
+        )
+    return tensors, metadata, data
+
+
+def check_tensors(path: str | os.PathLike, tensors: dict[str, Any], expected: dict[str, tuple[tuple[int, ...], Any]],
+                  what: str = "") -> None:
+    """Raise a ``ValueError`` naming ``path`` unless ``tensors`` has exactly the names, shapes and dtypes expected.
+
+    Args:
+        path (`str` or `os.PathLike`): the file the tensors came from.
+        tensors (`dict[str, torch.Tensor]`): what was read.
+        expected (`dict[str, tuple[tuple[int, ...], torch.dtype]]`): name -> (shape, dtype).
+        what (`str`, *optional*): which group of tensors, for the message ("model", "EMA", ...).
+    """
+    name, group = os.fspath(path), f"{what} " if what else ""
+    if set(tensors) != set(expected):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise ValueError(f"{name}: the {group}tensors do not match (missing {missing[:5]}, unexpected {extra[:5]})")
+    for key, (shape, dtype) in expected.items():
+        t = tensors[key]
+        if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+            raise ValueError(
+                f"{name}: {group}tensor {key!r} has shape {tuple(t.shape)} and dtype {t.dtype}, expected "
+                f"{tuple(shape)} and {dtype}"
+            )

@@ -351,31 +351,18 @@ class StreamingStats:
             path (`str` or `os.PathLike`): the safetensors file.
             device (`str` or `torch.device`, *optional*, defaults to `"cpu"`): where to put the sums.
         """
-        from .._io import load_safetensors
+        from .._io import check_tensors, load_tagged_safetensors
 
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"`path` must be a str or os.PathLike, got {type(path).__name__}")
         name = os.fspath(path)
-        tensors, meta, _ = load_safetensors(path)
-        if meta.get("format") != _STATS_FORMAT:
-            raise ValueError(f"{name} is not a StreamingStats file (format {meta.get('format')!r})")
-        if meta.get("version") != _STATS_VERSION:
-            raise ValueError(
-                f"{name} has StreamingStats format version {meta.get('version')!r}; this version reads "
-                f"{_STATS_VERSION!r}"
-            )
-        if set(tensors) != {"count", "sum", "outer_sum"}:
-            raise ValueError(f"{name} holds the tensors {sorted(tensors)}, expected ['count', 'outer_sum', 'sum']")
-        if tensors["sum"].ndim != 1 or tensors["sum"].numel() == 0:
-            raise ValueError(f"{name}: tensor 'sum' has shape {tuple(tensors['sum'].shape)}, expected (d,), d >= 1")
-        d = tensors["sum"].shape[0]
+        tensors, _, _ = load_tagged_safetensors(path, _STATS_FORMAT, _STATS_VERSION, what="StreamingStats")
+        total = tensors.get("sum")
+        if total is None or total.ndim != 1 or total.numel() == 0:
+            raise ValueError(f"{name}: no tensor 'sum' of shape (d,), d >= 1 (tensors {sorted(tensors)})")
+        d = total.shape[0]
         expected = {"count": ((1,), torch.int64), "sum": ((d,), torch.float64), "outer_sum": ((d, d), torch.float64)}
-        for key, (shape, dtype) in expected.items():
-            t = tensors[key]
-            if tuple(t.shape) != shape or t.dtype != dtype:
-                raise ValueError(
-                    f"{name}: tensor {key!r} has shape {tuple(t.shape)} and dtype {t.dtype}, expected {shape}, {dtype}"
-                )
+        check_tensors(path, tensors, expected)
         if int(tensors["count"][0]) < 0:
             raise ValueError(f"{name}: negative count {int(tensors['count'][0])}")
         return cls(device=device).load_state_dict(tensors)

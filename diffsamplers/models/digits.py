@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._io import atomic_write, load_safetensors, read_json
+from .._io import atomic_write, check_tensors, load_safetensors, load_tagged_safetensors, read_json
 
 BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled")
 DDPM_DIR = os.path.join(BUNDLED_DIR, "digits-ddpm")
@@ -285,12 +285,9 @@ def _load_checkpoint(path: str, unet: nn.Module, ema: list[torch.Tensor], opt: t
     Every tensor's name, shape and dtype is checked against the freshly built model and optimizer, so a checkpoint
     of another architecture or a foreign file raises a ``ValueError`` naming ``path``.
     """
-    tensors, metadata, _ = load_safetensors(path)
-    if metadata.get("format") != _CHECKPOINT_FORMAT or metadata.get("version") != _CHECKPOINT_VERSION:
-        raise ValueError(
-            f"{path} is not a digits training checkpoint of this version (format {metadata.get('format')!r}, "
-            f"version {metadata.get('version')!r})"
-        )
+    tensors, metadata, _ = load_tagged_safetensors(
+        path, _CHECKPOINT_FORMAT, _CHECKPOINT_VERSION, what="digits training checkpoint"
+    )
     try:
         state = json.loads(metadata["state"])
         step, pos, elapsed = int(state["step"]), int(state["pos"]), float(state["elapsed"])
@@ -303,19 +300,13 @@ def _load_checkpoint(path: str, unet: nn.Module, ema: list[torch.Tensor], opt: t
     def take(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-    def check(name: str, found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-        if set(found) != set(expected):
-            raise ValueError(f"{path}: the {name} tensors do not match this model ({len(found)} found, "
-                             f"{len(expected)} expected)")
-        for key, value in expected.items():
-            if found[key].shape != value.shape or found[key].dtype != value.dtype:
-                raise ValueError(f"{path}: {name} tensor {key!r} has shape {tuple(found[key].shape)} and dtype "
-                                 f"{found[key].dtype}, expected {tuple(value.shape)} and {value.dtype}")
+    def spec(reference: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {k: (tuple(v.shape), v.dtype) for k, v in reference.items()}
 
     model = take("model.")
-    check("model", model, unet.state_dict())
+    check_tensors(path, model, spec(unet.state_dict()), "model")
     saved_ema = take("ema.")
-    check("EMA", saved_ema, {str(i): e for i, e in enumerate(ema)})
+    check_tensors(path, saved_ema, spec({str(i): e for i, e in enumerate(ema)}), "EMA")
     perm = tensors.get("perm")
     if perm is None or perm.dtype != torch.int64 or tuple(perm.shape) != (n,) or not 0 <= pos <= n:
         raise ValueError(f"{path}: the batch order ('perm', 'pos') does not fit the {n} training images")
