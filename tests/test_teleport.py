@@ -1,6 +1,6 @@
 # Copyright 2026 The diffsamplers authors. Licensed under the Apache License, Version 2.0.
-"""Analytical Gaussian teleportation: closed form, frames, statistics, the scheduler wrapper and the pipeline helper
-(research spec adaptive_dualfast_teleport.md, sections 3.2-3.8)."""
+"""Analytical Gaussian teleportation (Wang & Vastola, arXiv 2412.09726): closed form, frames, statistics, the
+scheduler wrapper and the pipeline helper."""
 
 import inspect
 import math
@@ -20,14 +20,8 @@ from diffusers import (
 
 from diffsamplers.eval.testbed import TESTBED_CONFIG, run_scheduler
 from diffsamplers.models import GaussianMixtureModel, exact_solution
-from diffsamplers.pipelines.teleport import teleport_pipeline
-from diffsamplers.samplers.gaussian_stats import (
-    GaussianStats,
-    frame_coeffs,
-    latent_frame,
-    teleport,
-)
-from diffsamplers.samplers.teleport import TeleportScheduler
+from diffsamplers.pipelines import GaussianStats, teleport_pipeline
+from diffsamplers.samplers import TeleportScheduler, frame_coeffs, latent_frame, teleport
 from diffsamplers.schedule import frame_level, gaussian_flow_map
 
 CFG = dict(TESTBED_CONFIG)

@@ -1,8 +1,9 @@
-"""What a scheduler alone cannot do: skipping model calls, teleported starts for flow pipelines."""
+"""What a scheduler alone cannot do: skipping model calls, teleported starts for flow pipelines, data statistics."""
 
-from ..samplers.gaussian_stats import GaussianStats, teleport
+from ..samplers.gaussian_teleport import teleport
 from .adaptive import AdaptiveDiffusionHandle, AdaptiveSkipController, AdaptiveStepRecord, enable_adaptive_diffusion
-from .teleport import teleport_pipeline
+from .gaussian_stats import GaussianStats
+from .teleported_start import teleport_pipeline
 
 __all__ = [
     "AdaptiveDiffusionHandle",

@@ -1,16 +1,15 @@
 # Copyright 2026 The diffsamplers authors. Licensed under the Apache License, Version 2.0.
-"""Gaussian statistics of a dataset and the teleport map they define (Wang & Vastola, arXiv 2412.09726).
+"""Gaussian statistics of a dataset, for analytical teleportation (Wang & Vastola, arXiv 2412.09726).
 
-For Gaussian data ``x0 ~ N(mu, U diag(lam) U^T)`` the probability-flow ODE of any frame ``x_t = a_t x0 + s_t eps`` is
-linear and solved in closed form (research spec ``adaptive_dualfast_teleport.md``, eq. 3.2; the map itself is
-:func:`diffsamplers.schedule.gaussian_flow_map`). This module holds what the teleport scheduler and the pipeline
-helper share:
+The paper teleports with the empirical mean and covariance of the training set in the model's space (pixels in
+[-1, 1] for pixel models; the official code, ``Animadversio/GaussianTeleportationDiffusion``, eigendecomposes it with
+``torch.linalg.eigh``). :class:`GaussianStats` holds the mean, the top-``r`` eigenpairs and an isotropic residual
+variance for the other directions (our extension for latent spaces too large for a dense covariance), streamed from a
+tensor, a dataset, a folder of images or a VAE's scaled latent space, accumulated in float64, saved as safetensors.
 
-* :class:`GaussianStats`: mean, top-r eigenpairs and residual variance, streamed from a dataset, a folder of images
-  or a VAE's scaled latent space, accumulated in float64, saved as safetensors.
-* :func:`teleport`: the closed-form map applied with a :class:`GaussianStats` (float64 inside).
-* Frame helpers (:func:`latent_frame`, :func:`frame_coeffs`): which ``(a_t, s_t)`` the ``latents`` tensor of a
-  diffusers scheduler carries (spec section 0).
+It lives in ``pipelines/`` because it reads files and runs VAEs; the map itself (:func:`diffsamplers.teleport`) and
+:class:`~diffsamplers.TeleportScheduler` are in :mod:`diffsamplers.samplers` and accept any object with these
+statistics' attributes.
 """
 
 from __future__ import annotations
@@ -19,168 +18,17 @@ import json
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..schedule import FRAMES, Level, config_family, frame_level, gaussian_flow_map
+from .._io import atomic_write, load_safetensors
 
 _FORMAT = "diffsamplers.GaussianStats"
 _FORMAT_VERSION = "1"
 # largest dimension for which a dense float64 covariance is accumulated by default (8192^2 * 8 B = 512 MiB)
 _MAX_DENSE_DIM = 8192
-
-# diffusers schedulers whose latents live in the variance-exploding frame x = x0 + sigma eps: the pipeline scales the
-# initial noise by init_noise_sigma and scale_model_input divides by sqrt(sigma^2 + 1) (spec section 0)
-_VE_FRAME_SCHEDULERS = frozenset(
-    {
-        "EulerDiscreteScheduler",
-        "EulerAncestralDiscreteScheduler",
-        "HeunDiscreteScheduler",
-        "LMSDiscreteScheduler",
-        "KDPM2DiscreteScheduler",
-        "KDPM2AncestralDiscreteScheduler",
-        "DPMSolverSDEScheduler",
-        "EDMEulerScheduler",
-        "EDMDPMSolverMultistepScheduler",
-        "CosineDPMSolverMultistepScheduler",
-    }
-)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The teleport map
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def teleport(x_T: torch.Tensor, stats: GaussianStats, from_level: Level, to_level: Level) -> torch.Tensor:
-    """Teleport samples along the closed-form probability-flow solution of the Gaussian ``stats`` (spec 3.2/3.3).
-
-    Frames are given by their coefficients: a state ``x = alpha x0 + sigma eps`` sits at level ``(alpha, sigma)``.
-    Use :func:`frame_level` to build them (``("vp", s)``, ``("ve", s)``, ``("flow", t)``) or :func:`frame_coeffs` to
-    read them off a diffusers scheduler. The map is computed in float64 and cast back to the dtype of ``x_T``.
-
-    Args:
-        x_T (`torch.Tensor` of shape `(B, ...)`): samples at ``from_level``; each sample must have ``stats.dim``
-            values (any shape, flattened in C order, the order the statistics were accumulated in).
-        stats (`GaussianStats`): the data statistics, in the same space as ``x_T`` (pixels or scaled latents).
-        from_level (`tuple`): ``(alpha, sigma)`` of ``x_T``: floats or per-sample ``(B,)`` tensors; ``sigma > 0``.
-        to_level (`tuple`): ``(alpha, sigma)`` to teleport to; ``sigma = 0`` gives the clean end.
-
-    Returns:
-        `torch.Tensor`: the teleported samples, same shape, dtype and device as ``x_T``.
-    """
-    if not isinstance(x_T, torch.Tensor):
-        raise TypeError(f"x_T must be a torch.Tensor, got {type(x_T).__name__}")
-    if not isinstance(stats, GaussianStats):
-        raise TypeError(f"stats must be a GaussianStats, got {type(stats).__name__}")
-    if x_T.ndim < 1 or x_T.shape[0] == 0:
-        raise ValueError(f"x_T must have a leading batch dimension, got shape {tuple(x_T.shape)}")
-    per_sample = x_T[0].numel()
-    if per_sample != stats.dim:
-        raise ValueError(
-            f"x_T has {per_sample} values per sample (shape {tuple(x_T.shape[1:])}) but stats describe {stats.dim}"
-            f" (shape {stats.shape}); were the statistics computed in this space ({stats.space})?"
-        )
-    # float64 is needed at sigma ~ 80 (spec 3.8); MPS has no float64, so compute there on the CPU
-    device = torch.device("cpu") if x_T.device.type == "mps" else x_T.device
-    mean, eigvecs, eigvals = stats._on(device)
-    x = x_T.detach().to(device=device, dtype=torch.float64).reshape(x_T.shape[0], -1)
-    out = gaussian_flow_map(x, mean, eigvecs, eigvals, from_level, to_level, stats.residual_variance)
-    return out.reshape(x_T.shape).to(device=x_T.device, dtype=x_T.dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Frames: what the latents tensor of a diffusers scheduler holds
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def latent_frame(scheduler: Any) -> str:
-    """The frame (``"vp"``, ``"ve"`` or ``"flow"``) of the latents a pipeline feeds to ``scheduler`` (spec table 0).
-
-    Args:
-        scheduler: a diffusers scheduler, a diffsamplers one, or a wrapper with a ``base`` scheduler (unwrapped).
-
-    Returns:
-        `str`: ``"flow"`` for FlowMatch schedulers and DPM/UniPC with ``use_flow_sigmas``; ``"ve"`` for the
-        k-diffusion-style Euler/Heun/LMS/KDPM2/EDM family; ``"vp"`` otherwise (DDIM, DDPM, DPM-Solver, UniPC, DEIS,
-        PNDM and the diffsamplers VP schedulers).
-    """
-    inner = getattr(scheduler, "base", None)
-    if inner is not None and hasattr(inner, "step") and hasattr(inner, "config"):
-        # a wrapper (TeleportScheduler, diffsamplers' WrappedScheduler): the latents are those of its solver
-        return latent_frame(inner)
-    config = getattr(scheduler, "config", None)
-    if config is None or not hasattr(scheduler, "step"):
-        raise TypeError(f"scheduler must be a diffusers scheduler, got {type(scheduler).__name__}")
-    schedule = getattr(scheduler, "noise_schedule", None)
-    if schedule is not None and hasattr(scheduler, "alpha_t"):  # a diffsamplers scheduler: its own family
-        return "flow" if schedule.family == "flow" else ("ve" if schedule.family == "ve" else "vp")
-    names = {cls.__name__ for cls in type(scheduler).__mro__}
-    if any(n.startswith("FlowMatch") for n in names) or config.get("use_flow_sigmas", False):
-        return "flow"
-    if names & _VE_FRAME_SCHEDULERS:
-        return "ve"
-    family = config_family({"_class_name": type(scheduler).__name__, **dict(config)})
-    return "flow" if family == "flow" else ("ve" if family == "ve" else "vp")
-
-
-def frame_coeffs(scheduler: Any, index: int, frame: str | None = None) -> tuple[float, float]:
-    """``(alpha, sigma)`` of the latents at array index ``index`` of ``scheduler.timesteps`` (float64 floats).
-
-    The values are read from the scheduler's own tables, the ones its ``step`` uses: ``sigmas`` for DPM/UniPC/Euler/
-    FlowMatch (VP families convert with ``a = 1 / sqrt(1 + sigma^2)``, ``s = sigma a``, which also covers Karras and
-    exponential sigma options and "leading" spacing), ``alphas_cumprod[timesteps[index]]`` for DDIM-like schedulers
-    without ``sigmas`` (so SD's first timestep 981 and linear-beta's 999 are not taken as pure noise, spec 3.8).
-    ``index == len(scheduler.timesteps)`` is the level after the last step.
-
-    Args:
-        scheduler: a diffusers scheduler after ``set_timesteps``.
-        index (`int`): array index into ``scheduler.timesteps`` (Heun-style schedulers duplicate entries: grid point
-            ``k`` is index ``k * scheduler.order``).
-        frame (`str`, *optional*): override :func:`latent_frame`.
-
-    Returns:
-        `tuple[float, float]`: ``(alpha, sigma)``.
-    """
-    if _is_teleport_scheduler(scheduler):
-        scheduler = scheduler.base
-    timesteps = getattr(scheduler, "timesteps", None)
-    if timesteps is None:
-        raise ValueError("scheduler has no timesteps: call set_timesteps first")
-    n = len(timesteps)
-    if not isinstance(index, int) or not 0 <= index <= n:
-        raise ValueError(f"index must be an int in [0, {n}], got {index!r}")
-    frame = frame or latent_frame(scheduler)
-    if frame not in FRAMES:
-        raise ValueError(f"frame must be one of {FRAMES}, got {frame!r}")
-    if getattr(scheduler, "noise_schedule", None) is not None and hasattr(scheduler, "alpha_t"):
-        # diffsamplers schedulers keep float64 (alpha, sigma) tables of their own grid
-        if index < n:
-            return float(scheduler.alpha_t[index]), float(scheduler.sigma_t[index])
-        return float(scheduler.alpha_next[-1]), float(scheduler.sigma_next[-1])
-    sigmas = getattr(scheduler, "sigmas", None)
-    if isinstance(sigmas, torch.Tensor) and len(sigmas) == n + 1:
-        return frame_level(frame, float(sigmas[index]))
-    if frame != "vp" or getattr(scheduler, "alphas_cumprod", None) is None:
-        raise ValueError(f"cannot read the noise levels of {type(scheduler).__name__} in the {frame!r} frame")
-    alphas_cumprod = scheduler.alphas_cumprod.double().cpu()
-    if index < n:
-        abar = float(alphas_cumprod[int(timesteps[index])])
-    else:
-        abar = float(getattr(scheduler, "final_alpha_cumprod", alphas_cumprod[0]))
-    return math.sqrt(abar), math.sqrt(max(1.0 - abar, 0.0))
-
-
-def _is_teleport_scheduler(obj: Any) -> bool:
-    return type(obj).__name__ == "TeleportScheduler" and hasattr(obj, "base")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Statistics
-# ----------------------------------------------------------------------------------------------------------------
-
 
 @dataclass(eq=False)
 class GaussianStats:
@@ -194,7 +42,7 @@ class GaussianStats:
         eigvecs (`torch.Tensor` of shape `(D, r)`): orthonormal top-``r`` eigenvectors of the covariance.
         eigvals (`torch.Tensor` of shape `(r,)`): their eigenvalues, descending (negative values are clipped to 0).
         residual_variance (`float`, defaults to 0.0): isotropic variance of the ``D - r`` remaining directions,
-            ``(tr Sigma - sum(eigvals)) / (D - r)`` (spec 3.4); 0 when ``r = D``.
+            ``(tr Sigma - sum(eigvals)) / (D - r)``; 0 when ``r = D``.
         shape (`tuple[int, ...]`, *optional*): the per-sample shape (e.g. ``(C, H, W)``); defaults to ``(D,)``.
         space (`str`, defaults to `"pixel"`): ``"pixel"`` or ``"latent"`` (a VAE's scaled latents).
         num_samples (`int`, defaults to 0): how many samples the statistics were computed from.
@@ -213,7 +61,6 @@ class GaussianStats:
     value_range: tuple[float, float] | None = None
     scaling_factor: float | None = None
     shift_factor: float | None = None
-    _device_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("mean", "eigvecs", "eigvals"):
@@ -265,13 +112,6 @@ class GaussianStats:
             cov = cov + self.residual_variance * (torch.eye(self.dim, dtype=torch.float64) - U @ U.T)
         return cov
 
-    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(mean, eigvecs, eigvals)`` on ``device``, cached so repeated teleports do not re-upload ``U``."""
-        key = str(device)
-        if key not in self._device_cache:
-            self._device_cache[key] = tuple(t.to(device) for t in (self.mean, self.eigvecs, self.eigvals))
-        return self._device_cache[key]
-
     # -- conversions --------------------------------------------------------------------------------------------
 
     def affine(self, scale: float, shift: float = 0.0) -> GaussianStats:
@@ -307,7 +147,8 @@ class GaussianStats:
         """Re-express pixel statistics from value range ``source`` in ``target``.
 
         The default converts statistics stored in [0, 1] (as the official FFHQ/AFHQ files are) to the [-1, 1] range
-        that pixel diffusion models use: ``mu -> 2 mu - 1``, ``lam -> 4 lam`` (spec 3.4).
+        that pixel diffusion models use: ``mu -> 2 mu - 1``, ``lam -> 4 lam`` (what the official sampling scripts
+        do with their FFHQ/AFHQ statistics).
 
         Args:
             source (`tuple[float, float]`, defaults to `(0, 1)`): the range the statistics are in.
@@ -586,13 +427,19 @@ class GaussianStats:
     def save(self, path: str | os.PathLike) -> None:
         """Write the statistics to a ``.safetensors`` file (tensors plus JSON metadata; no pickle).
 
+        The write is atomic (a temporary file in the same folder, moved into place), so an interrupted save leaves
+        the previous file, or none, and no temporary file behind; the file gets the permissions the umask gives.
+
         Args:
-            path (`str` or `os.PathLike`): the file to write.
+            path (`str` or `os.PathLike`): the file to write; its folder must exist.
         """
-        from safetensors.torch import save_file
+        from safetensors.torch import save as to_bytes
 
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        folder = os.path.dirname(os.fspath(path)) or "."
+        if not os.path.isdir(folder):
+            raise ValueError(f"cannot save to {os.fspath(path)!r}: the folder {folder!r} does not exist")
         tensors = {
             "mean": self.mean,
             "eigvecs": self.eigvecs,
@@ -609,37 +456,50 @@ class GaussianStats:
             "scaling_factor": json.dumps(self.scaling_factor),
             "shift_factor": json.dumps(self.shift_factor),
         }
-        save_file({k: v.contiguous() for k, v in tensors.items()}, os.fspath(path), metadata=metadata)
+        atomic_write(path, to_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> GaussianStats:
         """Read statistics written by :meth:`save`.
 
         Args:
-            path (`str` or `os.PathLike`): a ``.safetensors`` file.
+            path (`str` or `os.PathLike`): a ``.safetensors`` file. Anything else (a truncated copy, a pickle renamed
+                ``.safetensors``, another model's weights, a file of another format version) raises a ``ValueError``
+                naming it.
         """
-        from safetensors import safe_open
-
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-        with safe_open(os.fspath(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("format") != _FORMAT:
-                raise ValueError(f"{os.fspath(path)} is not a GaussianStats file (format {metadata.get('format')!r})")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-        value_range = json.loads(metadata.get("value_range", "null"))
-        return cls(
-            mean=tensors["mean"],
-            eigvecs=tensors["eigvecs"],
-            eigvals=tensors["eigvals"],
-            residual_variance=float(tensors["residual_variance"].reshape(-1)[0]),
-            shape=tuple(json.loads(metadata["shape"])),
-            space=metadata.get("space", "pixel"),
-            num_samples=int(metadata.get("num_samples", 0)),
-            value_range=None if value_range is None else tuple(value_range),
-            scaling_factor=json.loads(metadata.get("scaling_factor", "null")),
-            shift_factor=json.loads(metadata.get("shift_factor", "null")),
-        )
+        name = os.fspath(path)
+        tensors, metadata, _ = load_safetensors(path)
+        if metadata.get("format") != _FORMAT:
+            raise ValueError(f"{name} is not a GaussianStats file (format {metadata.get('format')!r})")
+        if metadata.get("format_version") != _FORMAT_VERSION:
+            raise ValueError(
+                f"{name} is a GaussianStats file of format version {metadata.get('format_version')!r}; this version "
+                f"of diffsamplers reads version {_FORMAT_VERSION!r}"
+            )
+        missing = sorted({"mean", "eigvecs", "eigvals", "residual_variance"} - set(tensors))
+        if missing:
+            raise ValueError(f"{name} is not a complete GaussianStats file (missing tensors {', '.join(missing)})")
+        try:
+            value_range = json.loads(metadata.get("value_range", "null"))
+            residual = tensors["residual_variance"].reshape(-1)
+            if residual.numel() != 1:
+                raise ValueError(f"residual_variance holds {residual.numel()} values, not 1")
+            return cls(
+                mean=tensors["mean"],
+                eigvecs=tensors["eigvecs"],
+                eigvals=tensors["eigvals"],
+                residual_variance=float(residual[0]),
+                shape=tuple(json.loads(metadata["shape"])),
+                space=metadata.get("space", "pixel"),
+                num_samples=int(metadata.get("num_samples", 0)),
+                value_range=None if value_range is None else tuple(value_range),
+                scaling_factor=json.loads(metadata.get("scaling_factor", "null")),
+                shift_factor=json.loads(metadata.get("shift_factor", "null")),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{name} is not a valid GaussianStats file ({err})") from err
 
 
 def _check_rank(rank: int | None, dim: int) -> int:
@@ -778,11 +638,18 @@ class _ImageFolder:
 
         expected = None
         for path in self.files:
-            with Image.open(path) as img:
-                img = img.convert(self.mode)
-                if self.size is not None:
-                    img = img.resize((self.size[1], self.size[0]), Image.BICUBIC)
-                arr = np.asarray(img, dtype=np.float64) / 255.0
+            try:
+                with Image.open(path) as img:
+                    img = img.convert(self.mode)
+                    if self.size is not None:
+                        img = img.resize((self.size[1], self.size[0]), Image.BICUBIC)
+                    arr = np.asarray(img, dtype=np.float64) / 255.0
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+                # Pillow reports truncated or foreign files as OSError (UnidentifiedImageError is one), some
+                # corrupt headers as SyntaxError; a missing file should stay a FileNotFoundError
+                if isinstance(err, FileNotFoundError):
+                    raise
+                raise ValueError(f"image {path!r} could not be read: {err}") from err
             arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
             if expected is None:
                 expected = arr.shape

@@ -4,7 +4,7 @@
 :func:`teleport_pipeline` draws the pipeline's own initial noise, teleports it along the closed-form Gaussian
 probability flow (Wang & Vastola, arXiv 2412.09726) and runs the pipeline from there with ``latents=`` and the
 truncated schedule. Pipelines that do call ``scale_model_input`` can simply use
-:class:`~diffsamplers.samplers.teleport.TeleportScheduler` as their scheduler.
+:class:`~diffsamplers.TeleportScheduler` as their scheduler.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from ..samplers.gaussian_stats import GaussianStats, teleport
+from ..samplers.gaussian_teleport import GaussianStatsLike, check_stats, teleport
+from ..samplers.teleport_scheduler import TeleportScheduler
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pipeline helper
@@ -23,7 +24,7 @@ from ..samplers.gaussian_stats import GaussianStats, teleport
 
 def teleport_pipeline(
     pipe: Any,
-    stats: GaussianStats,
+    stats: GaussianStatsLike,
     *,
     skip_fraction: float | None = None,
     sigma_skip: float | None = None,
@@ -36,7 +37,7 @@ def teleport_pipeline(
     **call_kwargs: Any,
 ) -> Any:
     """Run ``pipe`` from the teleported start: compute ``x_k`` in closed form and call the pipeline with
-    ``latents=x_k`` and a :class:`~diffsamplers.samplers.teleport.TeleportScheduler` that hands it the truncated
+    ``latents=x_k`` and a :class:`~diffsamplers.TeleportScheduler` that hands it the truncated
     timesteps (the base scheduler keeps its full arrays and starts at ``set_begin_index(k * order)``).
 
     This is the way to teleport in pipelines that never call ``scale_model_input`` (SD3, Flux and other flow
@@ -70,12 +71,9 @@ def teleport_pipeline(
     Returns:
         Whatever ``pipe(...)`` returns.
     """
-    from ..samplers.teleport import TeleportScheduler
-
     if not callable(pipe) or not hasattr(pipe, "scheduler"):
         raise TypeError(f"pipe must be a diffusers pipeline, got {type(pipe).__name__}")
-    if not isinstance(stats, GaussianStats):
-        raise TypeError(f"stats must be a GaussianStats, got {type(stats).__name__}")
+    check_stats(stats)
     if "latents" not in inspect.signature(pipe.__call__).parameters:
         raise TypeError(
             f"pipe ({type(pipe).__name__}) does not accept latents=; for pipelines that call scale_model_input use "
@@ -125,7 +123,7 @@ def teleport_pipeline(
         raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
     # the index-0 state the pipeline would have started from (SD-style pipelines scale by init_noise_sigma)
     start = latents * getattr(base, "init_noise_sigma", 1.0)
-    teleported = teleport(start, stats, wrapper.from_level, wrapper.to_level)
+    teleported = start if wrapper.skip == 0 else teleport(start, stats, wrapper.from_level, wrapper.to_level)
     wrapper._expect_levels()
     pipe.scheduler = wrapper
     try:
@@ -147,7 +145,7 @@ def _infer_batch_size(call_kwargs: dict) -> int:
     return batch * int(call_kwargs.get("num_images_per_prompt") or 1)
 
 
-def _dynamic_shift_mu(pipe: Any, stats: GaussianStats, config: Any) -> float:
+def _dynamic_shift_mu(pipe: Any, stats: GaussianStatsLike, config: Any) -> float:
     """``mu`` as SD3/Flux compute it (``calculate_shift``) from the image sequence length of ``stats.shape``."""
     if len(stats.shape) == 2:  # Flux-style packed latents (sequence, channels)
         seq_len = stats.shape[0]
