@@ -112,7 +112,7 @@ def test_leading_term_equals_model_output_for_first_order_dpm_and_noise_term_is_
         results[placement] = run_scheduler(sched, model, x_T, 6)[0]
     # equal up to the float32 sigma table DPMSolver computes its coefficients from
     torch.testing.assert_close(results["leading_term"], results["model_output"], rtol=1e-6, atol=1e-7)
-    # variant A on DDIM: x_next = a_next * x0(eps) + s_next * eps_tilde (spec section 3)
+    # "explicit epsilon only" on DDIM: x_next = a_next * x0(eps) + s_next * eps_tilde
     sched = DualFastScheduler.from_config(
         CONFIG, base_scheduler="DDIMScheduler", mix_placement="noise_term", tau="first"
     )

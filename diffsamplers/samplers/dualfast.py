@@ -1,7 +1,15 @@
 # Copyright 2026 The diffsamplers authors. Licensed under the Apache License, Version 2.0.
-"""DualFast (Yu, Luo, Wang, Zhao, arXiv 2506.13058): the approximation-error rule on top of diffusers' solvers.
+"""DualFast (Yu, Luo, Wang, Zhao, "DualFast: Dual-Speedup Framework for Fast Sampling of Diffusion Models",
+arXiv 2506.13058): the approximation-error rule on top of diffusers' solvers.
 
-Research notes: /work/shared/research/dualfast.md (the spec, "§" below) and adaptive_dualfast_teleport.md part 2.
+No official DualFast code has been published, and only the paper's abstract and the start of its introduction could
+be read when this was written. What is implemented comes from three sources that agree on the form of the rule: a
+reviewer's summary of the ICLR 2025 submission (OpenReview id ``UACXMKAz0Z``), which reports the paper's eq. (12)
+and Fig. 8; a third-party note written from the paper's PDF; and unused DualFast-style arguments left in the first
+author's public DPM-Solver code (github.com/yuhuUSTC/Debias, ``guided_diffusion/DPM_solver.py`` at commit 5ac612f),
+which give the coefficient ramp. **Unverified** against the paper: which term of each solver's update receives the
+mixed prediction, which earlier step ``tau`` is meant, the ramp, and all of the paper's results; the choices left
+open are arguments of :class:`DualFastScheduler`.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ def _unipc_with_corrector_offset() -> type:
     UniPC's corrector (UniC) recomputes the previous interval from the stored sample and model outputs, so an additive
     change made to the predictor's result would be dropped at the next step. DualFast's additive placements set the
     offset to the change they made, which is what the corrector's leading term gives when it reuses the mixed
-    prediction of that step (spec §4.2, UniPC).
+    prediction of that step (our reconstruction: the corrector's own buffered differences stay raw).
     """
     from diffusers import UniPCMultistepScheduler
 
@@ -57,23 +65,29 @@ class DualFastScheduler(WrappedScheduler):
     DPMSolverMultistep (``algorithm_type`` ``"dpmsolver"`` or ``"dpmsolver++"``, orders 1-3) or UniPCMultistep.
 
     At step ``i`` (0-based, ``N`` steps) the noise prediction is extrapolated away from an earlier, noisier prediction
-    that is already cached, so no model call is added (spec §2.4, the paper's eq. 12 as a reviewer reports it):
+    that is already cached, so no model call is added (the paper's eq. 12, as the ICLR reviewer reports it):
 
         eps_tilde = (1 + c_i) * eps(x_i, t_i) - c_i * eps(x_tau, t_tau),      c_i = c_max * i / (N - 1)
 
-    (the ramp 0 -> ``c_max`` = 0.15 is read from the first author's leftover code, spec §2.5). The paper text was not
-    available: which term of each solver's update receives ``eps_tilde`` and which earlier step ``tau`` is meant are
-    **unverified** and are arguments here:
+    (the ramp 0 -> ``c_max`` = 0.15 is read from the first author's leftover code, which builds a table linearly
+    spaced from 0 to 0.15 with one entry per step). The paper text was not available: which term of each solver's
+    update receives ``eps_tilde`` and which earlier step ``tau`` is meant are **unverified** and are arguments here:
 
     * ``mix_placement="model_output"``: the mixed prediction replaces the model output (its x0 and epsilon, and the
-      multistep history). For DDIM and first-order DPM-Solver this is the spec's variant B (§3).
+      multistep history). For DDIM and first-order DPM-Solver this is ``x_next = (alpha_next / alpha) x -
+      sigma_next (e^h - 1) eps_tilde``, i.e. ``eps_tilde`` in the whole first-order update ("variant B").
     * ``"leading_term"``: only the first-order term of the solver sees it; the multistep differences (and UniPC's)
-      stay raw (spec §4.1, ``store_mixed_in_history=False``); ``x_next += alpha_next * dx0 + sigma_next * deps``.
-    * ``"noise_term"``: the spec's variant A ("explicit epsilon only", the DDIM box a reviewer describes):
+      stay raw (the third-party note puts ``eps_tilde`` in the solver's first-order term);
+      ``x_next += alpha_next * dx0 + sigma_next * deps``.
+    * ``"noise_term"``: "variant A", explicit epsilon only (the reviewer reports that only the explicit epsilon of
+      the paper's DDIM update is replaced, not the one inside x0):
       ``x_next = alpha_next * x0(eps) + sigma_next * eps_tilde``, i.e. ``x_next += sigma_next * deps`` (with eta,
-      DDIM's ``sqrt(sigma_next^2 - std^2)``). The two placements move the sample in opposite directions (§3).
+      DDIM's ``sqrt(sigma_next^2 - std^2)``). For a first-order step the two variants move the sample in opposite
+      directions: variant A adds ``+sigma_next * d``, variant B ``-sigma_next (e^h - 1) * d`` for
+      ``d = c (eps - eps_tau)``.
     * ``tau="first"``: the prediction of the run's first step (``x_T``); ``"previous"``: the previous step's.
-    * ``mix_space="eps"`` (the paper's form) or ``"x0"`` (the same extrapolation of the data prediction, §3).
+    * ``mix_space="eps"`` (the paper's form) or ``"x0"`` (the same extrapolation of the data prediction; our
+      addition, no source says the paper mixes in x0 space).
 
     **Defaults, chosen by measurement** on the exact Gaussian-mixture testbed only (the bundled digits model was
     still being trained): ``exact_testbed_errors`` with ``TESTBED_CONFIG`` (linear betas, ``"trailing"`` spacing),
@@ -93,7 +107,7 @@ class DualFastScheduler(WrappedScheduler):
     ``"noise_term"`` (variant A) is worse than its base in all 12 settings swept (``c_max`` 0.05 / 0.15 / 0.3, both
     taus and spaces) at every NFE: mean ratios 1.005 to 6.2, per base never below 0.998. ``tau="first"`` gains at
     NFE 5-10 and loses at NFE 20 (``c_max = 0.3``: 0.80 / 0.99 / 1.36). Hence ``mix_placement="leading_term"``,
-    ``tau="previous"``, ``mix_space="eps"``; ``c_max`` keeps the spec's 0.15 (0.3 gains more at NFE 5-10,
+    ``tau="previous"``, ``mix_space="eps"``; ``c_max`` keeps the author's 0.15 (0.3 gains more at NFE 5-10,
     0.84 / 0.87, but has a 1.48x worst case at NFE 20).
     With the defaults, RMSE at NFE 5 / 10 / 20 is 0.175 / 0.090 / 0.042 on the DPM-Solver++(2M) base (itself
     0.192 / 0.097 / 0.047; DDIM 0.223 / 0.145 / 0.098), 0.203 / 0.133 / 0.091 on DDIM and 0.168 / 0.091 / 0.041 on
@@ -109,17 +123,19 @@ class DualFastScheduler(WrappedScheduler):
     NFE 10: 0.45 and 0.87 against 0.63); at NFE 20 only the defaults stay level with it (0.036 against 0.037), so
     the measurement on the real model confirms the defaults.
 
-    Under classifier-free guidance the rule acts on the guided output the pipeline hands to ``step`` (spec §4.3).
+    Under classifier-free guidance the rule acts on the guided output the pipeline hands to ``step``.
+
+    The result has ``sample``'s dtype (a float16 model output with a float32 sample gives float32).
 
     Args:
         base_scheduler (`str`, *optional*): the wrapped diffusers class: `"DDIMScheduler"`,
             `"DPMSolverMultistepScheduler"` or `"UniPCMultistepScheduler"`; defaults to
-            `"DPMSolverMultistepScheduler"` (the solver of the first author's code, spec §2.5) whatever the config's
+            `"DPMSolverMultistepScheduler"` (the solver of the first author's code) whatever the config's
             own class, so `from_config` is predictable. Flow-matching configs raise a `ValueError`.
         c_max (`float`, defaults to 0.15): the final mixing coefficient, in [0, 1]; 0 gives the base solver exactly.
         tau (`str`, defaults to `"previous"`): `"first"` or `"previous"` (see above).
         mix_placement (`str`, defaults to `"leading_term"`): `"model_output"`, `"leading_term"` or `"noise_term"`
-            (on UniPC the additive placements also reach the corrector's leading term, spec §4.2).
+            (on UniPC the additive placements also reach the corrector's leading term).
         mix_space (`str`, defaults to `"eps"`): `"eps"` or `"x0"`.
 """
         + BASE_CONFIG_DOC
@@ -287,7 +303,7 @@ class DualFastScheduler(WrappedScheduler):
 
         result = self._call_base(model_output, timestep, sample, step_kwargs)
         if placement == "leading_term":
-            # first-order term: x_next = alpha_next * x0 + sigma_next * eps (DDIM / DPM-Solver-1, spec §3 variant B)
+            # first-order term: x_next = alpha_next * x0 + sigma_next * eps (DDIM / DPM-Solver-1, variant B)
             k = coefficient * (alpha_next * k_x0 + sigma_next * k_eps)
         else:
             # variant A: only the explicit noise direction; DDIM's eq. (12) coefficient sqrt(1 - a_prev - std^2)
