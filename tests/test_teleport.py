@@ -67,7 +67,7 @@ def single_gaussian():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The closed form (spec 3.2)
+# The closed form
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -96,7 +96,7 @@ def test_closed_form_matches_ode(frame, full_rank):
 
 
 def test_ve_frame_of_euler_equals_vp_frame():
-    """Teleporting Euler-style VE latents x / a agrees with the VP frame (spec 3.7 item 5) and the flow frame."""
+    """Teleporting Euler-style VE latents x / a agrees with the VP frame and the flow frame."""
     model = gaussian_model(VP, full_rank=False)
     stats = model_stats(model)
     g = torch.Generator().manual_seed(2)
@@ -113,7 +113,7 @@ def test_ve_frame_of_euler_equals_vp_frame():
 
 
 def test_semigroup_and_residual_variance():
-    # covariance 0.05 I + F F^T: rank-5 statistics plus an isotropic residual describe it exactly (spec 3.4)
+    # covariance 0.05 I + F F^T: rank-5 statistics plus an isotropic residual describe it exactly
     model = gaussian_model(VP, full_rank=True)
     full, low = model_stats(model), model_stats(model, rank=5)
     assert low.rank == 5 and low.residual_variance == pytest.approx(0.05, rel=1e-10)
@@ -172,7 +172,7 @@ def test_teleport_rejects_bad_input():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Statistics (spec 3.4)
+# Statistics
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -274,7 +274,7 @@ def test_image_folder_and_vae_latents(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# TeleportScheduler (spec 3.6)
+# TeleportScheduler
 # ----------------------------------------------------------------------------------------------------------------
 
 
