@@ -1,6 +1,7 @@
 """DualFastScheduler and LMLScheduler (the schedulers that wrap a diffusers solver): positional step arguments as the
 wrapped solver takes them, a config that says what runs, the sample's dtype, LML's freeze boundary, bad input."""
 
+import inspect
 import warnings
 
 import pytest
@@ -73,6 +74,11 @@ def test_ddim_base_takes_ddims_positional_arguments(cls):
                 sample = sched.step(out, t, sample, eta=0.0).prev_sample
         runs.append(sample)
     assert torch.equal(runs[0], runs[1])
+    sched.set_timesteps(4)
+    t = sched.timesteps[0]
+    assert sched.step(toy_output(x, 0), t, x, 0.0).prev_sample.shape == x.shape  # eta fourth, as DDIM takes it
+    # diffusers pipelines pass eta and generator only if step's signature names them
+    assert {"eta", "generator"} <= set(inspect.signature(sched.step).parameters)
 
 
 def test_positional_arguments_of_the_other_bases():
