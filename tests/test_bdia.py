@@ -253,7 +253,7 @@ def test_editing_round_trip_through_injected_pair(digits):
 @pytest.mark.parametrize("gamma", [0.5, 0.8, 1.0])
 @pytest.mark.parametrize("n", [9, 20])
 def test_amplification_law_on_zero_velocity_model(gamma, n):
-    # D_{i->k}(z) = z (velocity 0): the inverse recursion is z_{i+1} = (z_{i-1} - z_i) / gamma + z_i (spec §1.10).
+    # D_{i->k}(z) = z (velocity 0): the inverse recursion z_{i+1} = (z_{i-1} - z_i) / gamma + z_i has roots 1, -1/gamma
     # A perturbation d of z_0 reaches z_N as d (1 + (-1)^N gamma^{1-N}) / (1 + gamma): the parasitic mode grows
     # by 1/gamma per inverse step, so errors for gamma_1 and gamma_2 scale as (gamma_2 / gamma_1)^(N-1)
     zero = lambda x, t: SimpleNamespace(sample=torch.zeros_like(x))

@@ -2,45 +2,46 @@
 """BDIA-DDIM: exact diffusion inversion by bi-directional integration approximation.
 
 Zhang, Lewis & Kleijn, "Exact Diffusion Inversion via Bi-directional Integration Approximation", arXiv 2307.10829
-(ECCV 2024); official code https://github.com/guoqiang-zhang-x/BDIA. Notation follows
-``/work/shared/research/bdia_polaris.md`` (the project's spec): states run from noise ``z_N`` to data ``z_0``,
+(ECCV 2024); official code https://github.com/guoqiang-zhang-x/BDIA. States run from noise ``z_N`` to data ``z_0``,
 ``z_i`` lives at ``timesteps[N - i]`` and ``D_{i->k}(z_i) = alpha_k x0_i + sigma_k eps_i`` is the DDIM transport of
-``z_i`` to level ``k`` with the single model evaluation made at ``z_i``. BDIA-DDIM (spec §1.2, the official
-README's update with the DDIM integration approximations; the paper's equation numbers could not be checked, only its
-abstract was readable) is
+``z_i`` to level ``k`` with the single model evaluation made at ``z_i``. BDIA-DDIM is
 
     z_{i-1} = gamma * z_{i+1} - gamma * D_{i->i+1}(z_i) + D_{i->i-1}(z_i),
 
-linear in ``(z_{i+1}, z_i, eps_i)``, so ``z_{i+1}`` is recovered exactly from ``(z_i, z_{i-1})`` (spec §1.4).
+linear in ``(z_{i+1}, z_i, eps_i)``, so ``z_{i+1}`` is recovered exactly from ``(z_i, z_{i-1})``:
+``z_{i+1} = (z_{i-1} - D_{i->i-1}(z_i)) / gamma + D_{i->i+1}(z_i)``.
+
+Sources and what is unverified: the update and its inversion are the official README's (its "BDIA-DDIM" section, in
+the convention since its commit 789f0a9 of 2023-12-16, where ``gamma`` weights the backward term and ``gamma = 0``
+is DDIM) and the official code's (``text-to-image/stablediffusionV2/ldm/models/diffusion/BDIAddim.py`` for sampling,
+with a plain DDIM first step; ``image-editing/bdia_edict_functions.py`` for the inversion, which returns the pair
+``(z_N, z_{N-1})``). The paper's own section and equation numbers for them are **unverified**: only its abstract
+could be read, so none is cited here. The ``gamma`` recommendations (0.5 at 10 and 1.0 at 40 text-to-image steps,
+``[0.92, 1.0]`` for editing) are the official README's.
 """
 
 from __future__ import annotations
 
-import numbers
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
-from diffusers.utils import BaseOutput
 
 from ..schedule import ddim_step, is_edm_config, prediction_coefficients
+from ._bdia_common import (
+    BDIAInverseOutput,
+    LinearWorkspace,
+    checked_gamma,
+    checked_pair,
+    output_dtypes,
+    same_sample,
+)
 from .base import COMMON_CONFIG_DOC, DiffSamplersScheduler, DiffSamplersSchedulerOutput
+from .bdia_edm import BDIAEDMScheduler
+from .checks import check_model_output
 
-
-@dataclass
-class BDIAInverseOutput(BaseOutput):
-    """Output of :meth:`BDIAScheduler.inverse_step`.
-
-    Args:
-        upper_sample (`torch.Tensor`): ``z_{i+1}``, the state one level noisier than the step's input ``z_i``.
-        pred_original_sample (`torch.Tensor`): the x0 prediction made at ``z_i``.
-    """
-
-    upper_sample: torch.Tensor
-    pred_original_sample: torch.Tensor
+__all__ = ["BDIAInverseOutput", "BDIAScheduler"]
 
 
 class BDIAScheduler(DiffSamplersScheduler):
@@ -53,12 +54,23 @@ class BDIAScheduler(DiffSamplersScheduler):
 
         z_{i-1} = D_{i->i-1}(z_i) + gamma * (z_{i+1} - D_{i->i+1}(z_i))
 
-    ``gamma = 0`` is plain DDIM (``eta = 0``); ``gamma = 1`` is the symmetric, leapfrog-like rule. The first step
-    of a run has no ``z_{i+1}`` and is a plain DDIM step, unless a run is started from a pair injected with
-    :meth:`set_inversion_pair`. :meth:`inverse_step` recovers ``z_{i+1}`` from ``(z_i, z_{i-1})`` exactly (``gamma
-    > 0``); it divides by ``gamma`` at every step, so round-off grows like ``gamma^-N`` during inversion: exact round
-    trips want ``gamma`` near 1 (the official editing code uses 0.94) and float64 latents. Small ``gamma`` (the
-    official text-to-image sampler uses 0.5 at 10 steps) is for sampling only.
+    ``gamma = 0`` is plain DDIM (``eta = 0``), evaluated in float64 and cast back: not bit-identical to
+    ``DDIMScheduler``, whose arithmetic is float32, but within float32 rounding of it (about ``2e-7`` relative on
+    float32 latents); with float64 latents and DDIM's tables made float64 the two agree exactly (v prediction: to
+    ``1e-14``). ``gamma = 1`` is the symmetric, leapfrog-like rule. The first step of a run has no ``z_{i+1}`` and
+    is a plain DDIM step, unless a run is started from a pair injected with :meth:`set_inversion_pair`.
+    :meth:`inverse_step` recovers ``z_{i+1}`` from ``(z_i, z_{i-1})`` exactly (``gamma > 0``); it divides by
+    ``gamma`` at every step, so round-off grows like ``gamma^-N`` during inversion: exact round trips want ``gamma``
+    near 1 (the official editing code uses 0.94) and float64 latents. Small ``gamma`` (the official text-to-image
+    sampler uses 0.5 at 10 steps) is for sampling only.
+
+    Precision: the recursion carries ``z_{i+1}`` and ``z_i`` in float64 inside the scheduler. A pipeline holding
+    half-precision latents holds only a rounded view of them: when the ``sample`` given to :meth:`step` equals the
+    cast of what the previous step returned, the step uses its own float64 copy; any other ``sample`` (latents the
+    pipeline edited) is used as given. Without this the rounding of the carried states feeds BDIA's parasitic mode
+    (root ``-gamma`` on a zero-velocity model, larger in magnitude on uneven grids), which ``gamma`` near 1 does not
+    damp. ``prev_sample`` is returned in ``sample``'s dtype and ``pred_original_sample`` in the promotion of
+    ``sample``'s and ``model_output``'s dtypes, as ``DDIMScheduler`` returns them.
 
     Choosing ``gamma``: where DDIM is an Euler step (flow coordinates; ``x / alpha`` in ``sigma / alpha`` for VP,
     up to the ratio of the alphas), the step's local error is ``(h_f^2 - gamma h_b^2) / 2`` times the trajectory's
@@ -79,8 +91,8 @@ class BDIAScheduler(DiffSamplersScheduler):
 
     Args:
         gamma (`float`, defaults to 1.0): weight of the backward correction, in ``[0, 1]``. 0 is DDIM; the official
-            recommendations are 0.5 for 10-step and 1.0 for 40-step text-to-image sampling, and ``[0.92, 1.0]`` for
-            round-trip editing."""
+            recommendations (README of https://github.com/guoqiang-zhang-x/BDIA) are 0.5 for 10-step and 1.0 for
+            40-step text-to-image sampling, and ``[0.92, 1.0]`` for round-trip editing."""
         + COMMON_CONFIG_DOC
     )
 
@@ -92,8 +104,6 @@ class BDIAScheduler(DiffSamplersScheduler):
         ``EDMDPMSolverMultistepScheduler``) returns a :class:`~diffsamplers.BDIAEDMScheduler` built from it (with
         the same keyword arguments, e.g. ``gamma``); other VE-style configs are refused."""
         if config is not None and hasattr(config, "keys") and is_edm_config(dict(config)):
-            from .bdia_edm import BDIAEDMScheduler
-
             return BDIAEDMScheduler.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
@@ -132,9 +142,10 @@ class BDIAScheduler(DiffSamplersScheduler):
     # -- per-run state ------------------------------------------------------------------------------------------
 
     def _reset_state(self) -> None:
-        # z_{i+1}: the input sample of the previous step of this run (None before the first step); after a linear
+        # z_{i+1}: the input state of the previous step of this run (None before the first step); after a linear
         # step it is one of the float64 work buffers
         self._upper_sample: torch.Tensor | None = None
+        self._workspace.returned = None  # z_i of the next step: the float64 state the last step handed out a cast of
 
     def reset(self) -> None:
         """Forget the run in progress and any injected pair (``set_timesteps`` keeps an unconsumed pair)."""
@@ -189,32 +200,37 @@ class BDIAScheduler(DiffSamplersScheduler):
                 :class:`~diffsamplers.samplers.base.DiffSamplersSchedulerOutput` rather than a tuple.
 
         Returns:
-            `DiffSamplersSchedulerOutput` or `tuple`: ``prev_sample`` (``z_{i-1}``, in ``model_output``'s dtype)
-            and ``pred_original_sample``.
+            `DiffSamplersSchedulerOutput` or `tuple`: ``prev_sample`` (``z_{i-1}``, in ``sample``'s dtype) and
+            ``pred_original_sample`` (in the promotion of ``sample``'s and ``model_output``'s dtypes, as
+            ``DDIMScheduler``).
         """
         if eta != 0.0 or variance_noise is not None:
             raise ValueError(f"BDIA is deterministic: eta must be 0 and variance_noise None, got eta={eta!r}")
         index = self._begin_step(timestep, model_output, sample)
         gamma = float(self.config.gamma)
-        upper = self._upper_sample  # z_{i+1}, or None on the first step of a run
-        next_upper = sample
+        dtypes = output_dtypes(sample, model_output)
+        recompute_eps = bool(use_clipped_model_output)
+        upper = self._upper_sample  # z_{i+1} (float64 after a step), or None on the first step of a run
+        # z_i: our float64 copy when the pipeline hands back the cast of our last output; gamma = 0 (DDIM) has no
+        # carried state and takes the sample as given
+        current = sample if gamma == 0.0 else self._workspace.current(sample)
         if self._pending_pair is not None:
             pair_upper, pair_lower = self._pending_pair
             self._pending_pair = None
             # a pipeline starting at z_{i+1}: hand back z_i, BDIA from the next step
             if same_sample(sample, pair_upper):
-                x0, _ = self._x0_eps(model_output, sample, index, recompute_eps=bool(use_clipped_model_output))
-                return self._finish(pair_lower.to(torch.float64), x0, pair_upper, model_output.dtype, return_dict)
+                x0, _ = self._x0_eps(model_output, sample, index, recompute_eps=recompute_eps)
+                return self._finish(pair_lower.to(torch.float64), x0, pair_upper, dtypes, return_dict)
             if not same_sample(sample, pair_lower):
                 raise ValueError("the first step after set_inversion_pair must start from one of the injected samples")
-            upper = pair_upper  # a custom loop starting at z_i
+            upper, current = pair_upper, pair_lower  # a custom loop starting at z_i
         if upper is not None and gamma != 0.0 and index == 0:
             raise ValueError("a BDIA step needs the level above it, so it cannot be made at the first timestep")
         if upper is None or gamma == 0.0 or self.config.clip_sample:
-            # the first step of a run is plain DDIM (spec §1.3), gamma = 0 is DDIM bit for bit, and the x0 clip is not
-            # linear: these take the general float64 path through (x0, eps)
-            x0, eps = self._x0_eps(model_output, sample, index, recompute_eps=bool(use_clipped_model_output))
-            # D_{i->i-1}(z_i): the plain DDIM step (Song et al. 2021, eq. 12 with eta = 0)
+            # the first step of a run is plain DDIM (as in the official BDIAddim.py), gamma = 0 is DDIM, and the x0
+            # clip is not linear: these take the general float64 path through (x0, eps)
+            x0, eps = self._x0_eps(model_output, current, index, recompute_eps=recompute_eps)
+            # D_{i->i-1}(z_i): the plain DDIM step (Song et al. 2021, arXiv 2010.02502, eq. 12 with eta = 0)
             prev_sample = ddim_step(
                 x0, eps, self.alpha_t[index], self.sigma_t[index], self.alpha_next[index], self.sigma_next[index]
             )
@@ -223,29 +239,32 @@ class BDIAScheduler(DiffSamplersScheduler):
                 back = ddim_step(
                     x0, eps, self.alpha_t[index], self.sigma_t[index], self.alpha_t[index - 1], self.sigma_t[index - 1]
                 )
-                # BDIA-DDIM (spec §1.2): z_{i-1} = D_{i->i-1}(z_i) + gamma * (z_{i+1} - D_{i->i+1}(z_i)), in float64
+                # z_{i-1} = D_{i->i-1}(z_i) + gamma * (z_{i+1} - D_{i->i+1}(z_i)), in float64
                 prev_sample = prev_sample + gamma * (upper.to(prev_sample.device, torch.float64) - back)
-            return self._finish(prev_sample, x0, next_upper, model_output.dtype, return_dict)
-        return self._linear_step(model_output, sample, upper, index, gamma, return_dict)
+            return self._finish(prev_sample, x0, current, dtypes, return_dict)
+        return self._linear_step(model_output, sample, current, upper, index, gamma, dtypes, return_dict)
 
     def _linear_step(
         self,
         model_output: torch.Tensor,
         sample: torch.Tensor,
+        current: torch.Tensor,
         upper: torch.Tensor,
         index: int,
         gamma: float,
+        dtypes: tuple[torch.dtype, torch.dtype],
         return_dict: bool,
     ) -> DiffSamplersSchedulerOutput | tuple:
         """The unclipped BDIA step as one float64 linear combination of ``(z_{i+1}, model_output, z_i)``.
 
         ``x0`` and ``eps`` are linear in ``(model_output, z_i)`` with host-side coefficients
-        (:func:`~diffsamplers.schedule.prediction_coefficients`), so the spec's coefficient form (§1.2),
+        (:func:`~diffsamplers.schedule.prediction_coefficients`), so the update in coefficient form,
         ``z_{i-1} = gamma z_{i+1} + A x0 + B eps`` with ``A = a_{i-1} - gamma a_{i+1}`` and
         ``B = s_{i-1} - gamma s_{i+1}``, is ``gamma z_{i+1} + c_out model_output + c_x z_i``. It is accumulated in
         two reused float64 buffers (:class:`LinearWorkspace`) instead of materialising ``x0``, ``eps`` and both DDIM
         transports in fresh float64 tensors, which made the step several times the cost of a DPMSolver step on large
-        latents. ``z_i`` is kept in float64 as the next step's ``z_{i+1}``.
+        latents. ``current`` is ``z_i`` (float64 when carried over from the previous step; ``sample`` is the
+        pipeline's view of it, the model's input), kept in float64 as the next step's ``z_{i+1}``.
         """
         a_t, s_t = self._level(self.alpha_t, index), self._level(self.sigma_t, index)
         a_lo, s_lo = self._level(self.alpha_next, index), self._level(self.sigma_next, index)
@@ -254,14 +273,13 @@ class BDIAScheduler(DiffSamplersScheduler):
         k_x0, k_eps = a_lo - gamma * a_up, s_lo - gamma * s_up
         c_out, c_x = k_x0 * x0_out + k_eps * eps_out, k_x0 * x0_x + k_eps * eps_x
 
-        dtype = model_output.dtype
         prev_sample, self._upper_sample = self._workspace.combine(
-            upper, gamma, [(model_output, c_out)], sample, c_x, dtype
+            upper, gamma, [(model_output, c_out)], current, c_x, dtypes[0]
         )
-        # pred_original_sample in the model's dtype (at least float32), as DDIMScheduler returns it; one pass on the
-        # inputs rather than a float64 x0 and its cast
-        compute = torch.promote_types(dtype, torch.float32)
-        x0 = (model_output.to(compute) * x0_out).add_(sample.to(compute), alpha=x0_x).to(dtype)
+        # pred_original_sample at the model's input, in DDIMScheduler's dtype (computed in at least float32); one
+        # pass on the inputs rather than a float64 x0 and its cast
+        compute = torch.promote_types(dtypes[1], torch.float32)
+        x0 = (model_output.to(compute) * x0_out).add_(sample.to(compute), alpha=x0_x).to(dtypes[1])
         self._step_index += 1
         if not return_dict:
             return (prev_sample, x0)
@@ -272,12 +290,14 @@ class BDIAScheduler(DiffSamplersScheduler):
         prev_sample: torch.Tensor,
         x0: torch.Tensor,
         next_upper: torch.Tensor,
-        dtype: torch.dtype,
+        dtypes: tuple[torch.dtype, torch.dtype],
         return_dict: bool,
     ) -> DiffSamplersSchedulerOutput | tuple:
+        """Close a step made on the general path: ``prev_sample`` (float64) is carried, its cast returned."""
         self._upper_sample = next_upper
+        self._workspace.returned = prev_sample
         self._step_index += 1
-        prev_sample, x0 = prev_sample.to(dtype), x0.to(dtype)
+        prev_sample, x0 = prev_sample.to(dtypes[0]), x0.to(dtypes[1])
         if not return_dict:
             return (prev_sample, x0)
         return DiffSamplersSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
@@ -298,7 +318,8 @@ class BDIAScheduler(DiffSamplersScheduler):
         use_clipped_model_output: bool | None = False,
         return_dict: bool = True,
     ) -> BDIAInverseOutput | tuple:
-        """Recover ``z_{i+1}`` exactly from ``(z_i, z_{i-1})``: the BDIA step at ``timestep`` solved backwards.
+        """Recover ``z_{i+1}`` exactly from ``(z_i, z_{i-1})``: the BDIA step at ``timestep`` solved backwards,
+        ``z_{i+1} = (z_{i-1} - D_{i->i-1}(z_i)) / gamma + D_{i->i+1}(z_i)`` (the official README's inversion).
 
         ``model_output`` must be the output sampling would get at ``(z_i, timestep)``: same timestep label,
         conditioning, guidance and dtype. The step index of a sampling run is not touched.
@@ -314,14 +335,16 @@ class BDIAScheduler(DiffSamplersScheduler):
             return_dict (`bool`, defaults to `True`): return a :class:`BDIAInverseOutput` rather than a tuple.
 
         Returns:
-            `BDIAInverseOutput` or `tuple`: ``upper_sample`` (``z_{i+1}``, in ``model_output``'s dtype) and
-            ``pred_original_sample``.
+            `BDIAInverseOutput` or `tuple`: ``upper_sample`` (``z_{i+1}``, in ``sample``'s dtype) and
+            ``pred_original_sample`` (in the dtype :meth:`step` gives it).
         """
         gamma = float(self.config.gamma)
         if eta != 0.0:
             raise ValueError(f"BDIA inversion needs a deterministic step: eta must be 0, got {eta!r}")
         if gamma <= 0.0:
             raise ValueError(f"BDIA inversion divides by gamma: gamma must be > 0, got {gamma!r}")
+        check_model_output(model_output, sample)
+        check_model_output(lower_sample, sample, name="lower_sample")
         if self.timesteps is None:
             raise ValueError("call set_timesteps before inverse_step")
         index = self.index_for_timestep(timestep)
@@ -331,74 +354,9 @@ class BDIAScheduler(DiffSamplersScheduler):
         a_t, s_t = self.alpha_t[index], self.sigma_t[index]
         lower = ddim_step(x0, eps, a_t, s_t, self.alpha_next[index], self.sigma_next[index])  # D_{i->i-1}(z_i)
         back = ddim_step(x0, eps, a_t, s_t, self.alpha_t[index - 1], self.sigma_t[index - 1])  # D_{i->i+1}(z_i)
-        # spec §1.4: z_{i+1} = (z_{i-1} - D_{i->i-1}(z_i)) / gamma + D_{i->i+1}(z_i), in float64
-        upper = (lower_sample.to(torch.float64) - lower) / gamma + back
-        upper, x0 = upper.to(model_output.dtype), x0.to(model_output.dtype)
+        upper = (lower_sample.to(lower.device, torch.float64) - lower) / gamma + back
+        upper_dtype, x0_dtype = output_dtypes(sample, model_output)
+        upper, x0 = upper.to(upper_dtype), x0.to(x0_dtype)
         if not return_dict:
             return (upper, x0)
         return BDIAInverseOutput(upper_sample=upper, pred_original_sample=x0)
-
-
-class LinearWorkspace:
-    """Two float64 latents, reused across steps (and runs) of one latent shape, in which a BDIA step forms
-    ``gamma * upper + sum_j c_j * term_j + c_keep * keep`` without allocating anything per step."""
-
-    def __init__(self) -> None:
-        self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def combine(
-        self,
-        upper: torch.Tensor | None,
-        gamma: float,
-        terms: Sequence[tuple[torch.Tensor, float]],
-        keep: torch.Tensor,
-        c_keep: float,
-        dtype: torch.dtype,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The combination in float64, cast to ``dtype`` (a fresh tensor), and ``keep`` in float64 (one of the
-        buffers: the next step's ``upper``, valid until the step after it). ``upper=None`` drops that term."""
-        buffers = self.buffers
-        if buffers is None or buffers[0].shape != keep.shape or buffers[0].device != keep.device:
-            buffers = tuple(torch.empty(keep.shape, dtype=torch.float64, device=keep.device) for _ in range(2))
-        acc, spare = buffers
-        if upper is None:
-            (first, c_first), terms = terms[0], terms[1:]
-            acc.copy_(first).mul_(c_first)
-        else:
-            if upper is not acc:  # upper not yet held in our buffer (a run's second step, an injected pair)
-                acc.copy_(upper)
-            acc.mul_(gamma)
-        for term, coefficient in terms:  # each converted into the spare buffer: no float64 temporaries
-            spare.copy_(term)
-            acc.add_(spare, alpha=coefficient)
-        spare.copy_(keep)  # added now and kept as the next step's upper
-        acc.add_(spare, alpha=c_keep)
-        self.buffers = (spare, acc)
-        return acc.to(dtype, copy=True), spare  # a copy even for float64: acc is overwritten by the next step
-
-
-def checked_gamma(gamma: float) -> float:
-    """``gamma`` as a float, or a ``ValueError`` unless it is a number in ``[0, 1]`` (BDIA's weight)."""
-    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not 0.0 <= float(gamma) <= 1.0:
-        raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
-    return float(gamma)
-
-
-def checked_pair(upper_sample: torch.Tensor, lower_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``(upper, lower)`` pair of ``set_inversion_pair``, checked to be two tensors of one shape."""
-    if not isinstance(upper_sample, torch.Tensor) or not isinstance(lower_sample, torch.Tensor):
-        raise TypeError("set_inversion_pair takes two tensors (the upper and the lower state)")
-    if upper_sample.shape != lower_sample.shape:
-        raise ValueError(
-            f"the pair must have one shape, got {tuple(upper_sample.shape)} and {tuple(lower_sample.shape)}"
-        )
-    return upper_sample, lower_sample
-
-
-def same_sample(sample: torch.Tensor, stored: torch.Tensor) -> bool:
-    """Whether ``sample`` is ``stored`` as the pipeline would hold it (same shape, equal after a cast)."""
-    if sample is stored:
-        return True
-    if sample.shape != stored.shape:
-        return False
-    return bool(torch.equal(sample, stored.to(sample.device, sample.dtype)))

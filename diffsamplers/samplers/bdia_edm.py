@@ -2,26 +2,29 @@
 """BDIA-EDM: EDM samplers made exactly invertible by bi-directional integration approximation.
 
 Zhang, Lewis & Kleijn, "Exact Diffusion Inversion via Bi-directional Integration Approximation", arXiv 2307.10829
-(ECCV 2024), say that BDIA applies to EDM (Karras et al. 2022) and improves its FID; their exact BDIA-EDM
-construction could not be read (only the abstract and the official README were reachable), so it is **unverified**
-which of the two forms below (if either) the paper uses. States run from noise to data along the grid ``sigma_0 >
+(ECCV 2024; official code https://github.com/guoqiang-zhang-x/BDIA), say in their abstract that BDIA applies to EDM
+(Karras et al. 2022, arXiv 2206.00364) and improves its FID. **Unverified**: their BDIA-EDM construction itself
+(which increment is Euler or Heun, the time grid, ``gamma``) could not be read, only the abstract and the official
+README (which has no EDM code), so which of the two forms below the paper uses, if either, is unknown; the Heun form
+in particular is this project's derivation, not the paper's. States run from noise to data along the grid ``sigma_0 >
 sigma_1 > ... > sigma_N`` (EDMEulerScheduler's, ``sigma_N`` = 0 or ``sigma_min``); ``x_k`` lives at ``sigma_k``, in
 EDM's unscaled frame ``x = x0 + sigma eps``. With EDM's denoiser ``D(x; sigma) = c_skip x + c_out F(c_in x;
 c_noise)`` and the ODE direction ``d_k = (x_k - D(x_k; sigma_k)) / sigma_k`` (Karras et al. eq. 3, sigma(t) = t),
-every BDIA step is (spec §1.1, with the spec's "z_{i-1}" = x_{k+1})
+every step is BDIA's general update (the official README's, with the forward and backward integration
+approximations of one state ``x_k``)
 
     x_{k+1} = x_k + Delta_f(x_k) + gamma * (x_{k-1} - x_k - Delta_b(x_k)),   Delta_b(x_k) = (sigma_{k-1} - sigma_k) d_k
 
 with ``Delta_f`` either
 
 * ``solver="euler"`` (default): ``(sigma_{k+1} - sigma_k) d_k``, one model call. At ``alpha = 1`` DDIM's transport
-  ``D_{k->j}(x_k) = x0 + sigma_j eps`` *is* this Euler step, so this is the paper's BDIA-DDIM update (spec §1.2, the
-  verified one) on an EDM model; or
-* ``solver="heun"``: EDM's Heun step (two model calls from ``x_k``; Euler into the last level, as in EDM's
-  Algorithm 1): the spec's derived form (§1.6).
+  ``D_{k->j}(x_k) = x0 + sigma_j eps`` *is* this Euler step, so this is the README's BDIA-DDIM update (the one the
+  official code implements) on an EDM model; or
+* ``solver="heun"``: EDM's Heun step (two model calls from ``x_k``; Euler into the last level, as in Karras et al.,
+  Algorithm 1).
 
-Both increments depend on ``x_k`` alone, so the update is linear in ``x_{k-1}`` and is solved for it exactly
-(spec §1.4): ``x_{k-1} = (x_{k+1} - x_k - Delta_f(x_k)) / gamma + x_k + Delta_b(x_k)``.
+Both increments depend on ``x_k`` alone, so the update is linear in ``x_{k-1}`` and is solved for it exactly:
+``x_{k-1} = (x_{k+1} - x_k - Delta_f(x_k)) / gamma + x_k + Delta_b(x_k)``.
 """
 
 from __future__ import annotations
@@ -35,8 +38,16 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
 from ..schedule import edm_preconditioning, is_edm_config
+from ._bdia_common import (
+    BDIAInverseOutput,
+    LinearWorkspace,
+    checked_gamma,
+    checked_pair,
+    output_dtypes,
+    same_sample,
+)
 from .base import DiffSamplersScheduler, DiffSamplersSchedulerOutput
-from .bdia import BDIAInverseOutput, LinearWorkspace, checked_gamma, checked_pair, same_sample
+from .checks import check_model_output, check_num_inference_steps
 
 PREDICTION_TYPES_EDM = ("epsilon", "v_prediction")
 SIGMA_SCHEDULES = ("karras", "exponential")
@@ -50,7 +61,8 @@ class BDIAEDMPredictorOutput(BaseOutput):
 
     Args:
         sample (`torch.Tensor`): the Euler predictor ``x_k + (sigma_{k+1} - sigma_k) d_k``, in the sample's dtype
-            (exactly the tensor :meth:`BDIAEDMScheduler.step` hands a pipeline for that call).
+            (the point :meth:`BDIAEDMScheduler.step` hands a pipeline for that call; the same tensor for float64
+            states).
         timestep (`torch.Tensor`): the timestep (EDM's ``c_noise``) of ``sigma_{k+1}``, at which to evaluate it.
     """
 
@@ -70,7 +82,8 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
 
     The first interval of a run has no ``x_{k-1}`` and is a plain Euler/Heun step; ``gamma = 0`` is
     ``EDMEulerScheduler`` (``solver="euler"``) or EDM Heun (``"heun"``, 2N - 1 calls for N levels, as
-    ``HeunDiscreteScheduler``) exactly. ``sigma_{k-1}`` is always the previous level of the grid, the level of the
+    ``HeunDiscreteScheduler``), evaluated in float64: it agrees with EDMEulerScheduler's float32 arithmetic to float32
+    rounding, not to the last bit. ``sigma_{k-1}`` is always the previous level of the grid, the level of the
     run's previous state. **Unverified**: which construction the paper's BDIA-EDM uses (see the module docstring).
 
     Why Euler is the default: with Euler both ways the backward estimate's error cancels the forward one's to
@@ -94,8 +107,23 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
     ==================  =======  =======  =======  =======
 
     As for BDIA-DDIM on Karras grids, ``gamma`` near 1 over-corrects the uneven first steps of short runs: for
-    sampling with 10-20 calls ``gamma = 0.5`` is best; the default 1.0 is for inversion (round trips want ``gamma``
-    in ``[0.9, 1]``).
+    sampling with 10-20 calls ``gamma = 0.5`` is best, and it is the default; inversion wants ``gamma`` in
+    ``[0.9, 1]`` (set it explicitly), where the recursion is far more sensitive to perturbations (next paragraph).
+
+    Precision: the two carried states ``x_{k-1}`` and ``x_k`` (and Heun's predictor) stay in float64 inside the
+    scheduler; a pipeline's half-precision latents are only their rounded view. When the ``sample`` of a step equals
+    the cast of the state the previous step returned, the step uses its float64 copy; any other ``sample`` (edited
+    latents) is used as given. This matters because on Karras grids the BDIA recursion has a parasitic root of
+    magnitude above 1 (about -1.47 at ``gamma = 1``): any perturbation grows from step to step. Rounding the carried
+    states to float16 moved the final samples of a 20-level ``gamma = 1`` run on the digits testbed (data range 1.8)
+    by 11 (bfloat16: 63); with float64 states what is left is the amplified rounding of the model's own half-precision
+    output: 0.08 (Euler; bfloat16 0.4) and 0.03 (Heun; bfloat16 0.15) at ``gamma = 1``, but 7e-4 (bfloat16 6e-3,
+    as EDM's own sampler) at ``gamma = 0.5``, hence that default. ``prev_sample`` is returned in ``sample``'s dtype and
+    ``pred_original_sample`` in the promotion of ``sample``'s and ``model_output``'s dtypes (as ``DDIMScheduler``).
+
+    Before :meth:`set_timesteps` the scheduler holds EDMEulerScheduler's construction grid (``num_train_timesteps +
+    1`` levels; ``num_inference_steps`` is None), so ``timesteps``, ``sigmas``, ``scale_model_input`` and
+    ``add_noise`` work as they do there.
 
     Step protocol: ``solver="euler"`` is EDMEulerScheduler's (``order = 1``, one call per entry of ``timesteps``).
     ``solver="heun"`` is diffusers' Heun pattern (``order = 2``; ``timesteps`` is ``[t_0, t_1, t_1, ..., t_{N-1},
@@ -121,8 +149,9 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
     solver keys; VP and flow configs are refused (use :class:`~diffsamplers.BDIAScheduler`).
 
     Args:
-        gamma (`float`, defaults to 1.0): weight of the backward correction, in ``[0, 1]``. 0 is EDM's Euler (or
-            Heun) sampler; inversion needs ``gamma > 0`` and round trips want ``[0.9, 1.0]``.
+        gamma (`float`, defaults to 0.5): weight of the backward correction, in ``[0, 1]``. 0 is EDM's Euler (or
+            Heun) sampler; inversion needs ``gamma > 0`` and round trips want ``[0.9, 1.0]`` (pass it: the default
+            is the stable choice for sampling, see "Precision" above).
         sigma_min (`float`, defaults to 0.002): smallest noise level of the grid, as in EDMEulerScheduler.
         sigma_max (`float`, defaults to 80.0): largest noise level, where sampling starts.
         sigma_data (`float`, defaults to 0.5): standard deviation of the data, in EDM's preconditioning.
@@ -145,7 +174,7 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
     @register_to_config
     def __init__(
         self,
-        gamma: float = 1.0,
+        gamma: float = 0.5,
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
         sigma_data: float = 0.5,
@@ -178,13 +207,12 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
             raise ValueError(f"num_train_timesteps must be a positive integer, got {num_train_timesteps!r}")
         self.noise_schedule = None
         self.alphas_cumprod = None
-        self.timesteps: torch.Tensor | None = None
-        self.num_inference_steps: int | None = None
-        self._step_index: int | None = None
-        self._begin_index: int | None = None
         self._pending_pair: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._workspace = LinearWorkspace()  # float64 buffers of the Euler form's step, kept across runs
-        self._reset_state()
+        self._workspace = LinearWorkspace()  # the float64 states of the Euler form's step, kept across runs
+        # EDMEulerScheduler fills its grid at construction (num_train_timesteps + 1 levels), so scale_model_input
+        # and add_noise work before set_timesteps; num_inference_steps stays None there as well
+        self._set_grid(self._reference())
+        self.num_inference_steps: int | None = None
 
     @classmethod
     def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any):
@@ -222,8 +250,10 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
     def _reset_state(self) -> None:
         self._upper_sample: torch.Tensor | None = None  # x_{k-1}: the previous state of this run
         self._current: torch.Tensor | None = None  # x_k between the two calls of a Heun step
+        self._predicted: torch.Tensor | None = None  # the predictor handed out by that first call
         self._first_output: torch.Tensor | None = None  # the model output at x_k, between the two calls
         self._pair_lower: torch.Tensor | None = None  # an injected x_k handed back again by the wasted second call
+        self._workspace.returned = None  # x_k of the next step: the float64 state the last step handed out a cast of
 
     def reset(self) -> None:
         """Forget the run in progress and any injected pair (``set_timesteps`` keeps an unconsumed pair)."""
@@ -269,7 +299,8 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
             device (`str` or `torch.device`, *optional*): where ``self.timesteps`` lives.
             timesteps (`list`, *optional*): not supported (EDMEulerScheduler takes none); must be ``None``.
             sigmas (`list[float]` or `torch.Tensor`, *optional*): passed to ``EDMEulerScheduler.set_timesteps``,
-                which (diffusers 0.42) reads them as positions in ``[0, 1]`` along its sigma schedule.
+                which (diffusers 0.42) reads them as positions in ``[0, 1]`` along its sigma schedule (0 is
+                ``sigma_max``, 1 is ``sigma_min``): strictly increasing, in ``[0, 1]``.
             mu (`float`, *optional*): no dynamic shifting in EDM; must be ``None``.
 
         Sets ``level_sigmas`` (float64, the N + 1 distinct levels, EDMEulerScheduler's ``sigmas``),
@@ -277,30 +308,35 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
         HeunDiscreteScheduler's layout: ``[t_0, t_1, t_1, ..., t_{N-1}, t_{N-1}]`` and the matching sigmas with the
         final level appended.
         """
-        from diffusers import EDMEulerScheduler
-
         if timesteps is not None or mu is not None:
             raise ValueError("BDIAEDMScheduler takes neither custom timesteps nor mu; give num_inference_steps")
         if sigmas is None:
             if num_inference_steps is None:
                 raise ValueError("give num_inference_steps or sigmas")
-            if (
-                not isinstance(num_inference_steps, (int, np.integer))
-                or isinstance(num_inference_steps, bool)
-                or (num_inference_steps < 1)
-            ):
-                raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        elif not isinstance(sigmas, torch.Tensor):
-            sigmas = torch.as_tensor(np.asarray(sigmas, dtype=np.float64))
-        keys = EDMEulerScheduler._get_init_keys(EDMEulerScheduler)
-        reference = EDMEulerScheduler(**{k: v for k, v in self.config.items() if k in keys})
+            # EDM's sigma grid is continuous: any number of levels is distinct (as in EDMEulerScheduler)
+            num_inference_steps = check_num_inference_steps(num_inference_steps, None)
+        else:
+            sigmas = _checked_ramp(sigmas)
+        reference = self._reference()
         reference.set_timesteps(num_inference_steps, sigmas=sigmas)
+        self._set_grid(reference, device)
+
+    def _reference(self):
+        """An EDMEulerScheduler with this config: its grids are the ones used here."""
+        from diffusers import EDMEulerScheduler
+
+        keys = EDMEulerScheduler._get_init_keys(EDMEulerScheduler)
+        return EDMEulerScheduler(**{k: v for k, v in self.config.items() if k in keys})
+
+    def _set_grid(self, reference: Any, device: str | torch.device | None = None) -> None:
+        """Take ``reference``'s grid (in the Heun layout for ``solver="heun"``) and reset all per-run state."""
         levels = reference.sigmas.double()  # sigma_0 > ... > sigma_{N-1}, then sigma_N (0 or sigma_min)
         ts = reference.timesteps
         n = len(ts)
         if n < 1 or not bool((levels[1:n] < levels[: n - 1]).all()) or not bool((levels[:n] > 0).all()):
             raise ValueError("sigmas must give a strictly decreasing grid of positive noise levels")
         self.num_inference_steps = n
+        self._num_levels = n
         self.level_sigmas = levels
         self.level_timesteps = ts.to(device)
         if self._heun:
@@ -323,8 +359,6 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
 
     def _level_index(self, timestep: Any) -> int:
         """The grid level k of a timestep (any of its duplicates)."""
-        if self.timesteps is None:
-            raise ValueError("call set_timesteps first")
         return self.index_for_timestep(timestep, self.level_timesteps)  # the levels are distinct
 
     # -- EDM preconditioning (EDMEulerScheduler's formulas) ----------------------------------------------------
@@ -365,15 +399,17 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
         return sigma / (sigma**2 + self.config.sigma_data**2), -self._preconditioning(sigma)[1] / sigma
 
     def _denoised_output(self, model_output: torch.Tensor, sample: torch.Tensor, k: int) -> torch.Tensor:
-        """``D(x; sigma_k)`` for ``pred_original_sample``: in ``sample``'s dtype, one pass in at least float32."""
+        """``D(x; sigma_k)`` for ``pred_original_sample``: in the promotion of ``sample``'s and ``model_output``'s
+        dtypes (as ``DDIMScheduler`` returns its x0), one pass in at least float32."""
         c_skip, c_out = self._preconditioning(self._level_floats[k])
-        compute = torch.promote_types(sample.dtype, torch.float32)
-        return (model_output.to(compute) * c_out).add_(sample.to(compute), alpha=c_skip).to(sample.dtype)
+        dtype = output_dtypes(sample, model_output)[1]
+        compute = torch.promote_types(dtype, torch.float32)
+        return (model_output.to(compute) * c_out).add_(sample.to(compute), alpha=c_skip).to(dtype)
 
     def _predictor(self, sample: torch.Tensor, model_output: torch.Tensor, k: int) -> torch.Tensor:
         """Heun's Euler predictor ``x_k + h d_k = (1 + h a_x) x_k + h a_F F`` (``h = sigma_{k+1} - sigma_k``) in the
-        sample's dtype, computed in at least float32: the second call's input. Sampling and inversion both call this
-        function, so the model sees the same point in both."""
+        sample's dtype, computed in at least float32: the second call's input (sampling passes its carried ``x_k`` in
+        float64). Sampling and inversion both call this function, so the model sees the same point in both."""
         h = self._level_floats[k + 1] - self._level_floats[k]
         a_x, a_f = self._slope_coefficients(k)
         compute = torch.promote_types(sample.dtype, torch.float32)
@@ -420,13 +456,17 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
 
         Returns:
             `DiffSamplersSchedulerOutput` or `tuple`: ``prev_sample`` (the next model input, in ``sample``'s dtype)
-            and ``pred_original_sample`` (the denoised ``D`` of this call).
+            and ``pred_original_sample`` (the denoised ``D`` of this call, in the promotion of ``sample``'s and
+            ``model_output``'s dtypes).
         """
         index = self._begin_step(timestep, model_output, sample)
         k, second = self._level_of_call(index)
-        last = k == self.num_inference_steps - 1
+        last = k == self._num_levels - 1
         if second:
             return self._second_call(model_output, sample, k, return_dict)
+        # x_k: our float64 copy when the pipeline hands back the cast of our last output; gamma = 0 (EDM's own
+        # sampler) has no carried state and takes the sample as given
+        current = sample if float(self.config.gamma) == 0.0 else self._workspace.current(sample)
         if self._current is None and self._upper_sample is None and self._pending_pair is not None:
             pair_upper, pair_lower = self._pending_pair
             # the lower sample first and exactly: in half precision neighbouring states lie within the rounding
@@ -434,11 +474,12 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
             if same_sample(sample, pair_lower):  # a custom loop starting at x_k
                 if k == 0:
                     raise ValueError("a BDIA step needs the level above it: it cannot be made at the first timestep")
-                self._upper_sample = pair_upper
+                self._upper_sample, current = pair_upper, pair_lower
             elif _matches(sample, pair_upper):  # a pipeline starting at x_{k-1}: hand back x_k, BDIA from level k + 1
                 self._pending_pair = None
                 self._upper_sample = pair_upper
                 self._pair_lower = pair_lower if self._heun and not last else None
+                self._workspace.returned = pair_lower
                 return self._output(
                     pair_lower.to(sample.dtype), self._denoised_output(model_output, sample, k), return_dict
                 )
@@ -446,26 +487,30 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
                 raise ValueError("the first step after set_inversion_pair must start from one of the injected samples")
             self._pending_pair = None
         if not self._heun or last:  # Euler, and Heun's last interval (Algorithm 1 steps into sigma_N by Euler)
-            return self._euler_step(model_output, sample, k, return_dict)
+            return self._euler_step(model_output, sample, current, k, return_dict)
         # the first call of a Heun step: keep (x_k, F_k) and ask for the model at the predictor
-        self._current, self._first_output = sample, model_output
-        predictor = self._predictor(sample, model_output, k)
-        return self._output(predictor, self._denoised_output(model_output, sample, k), return_dict)
+        # the predictor in float64 from the carried x_k: the second call gets back its view, as a state's
+        self._current, self._first_output = current, model_output
+        self._predicted = self._predictor(current.double(), model_output, k)
+        return self._output(
+            self._predicted.to(sample.dtype), self._denoised_output(model_output, sample, k), return_dict
+        )
 
     def _euler_step(
-        self, model_output: torch.Tensor, sample: torch.Tensor, k: int, return_dict: bool
+        self, model_output: torch.Tensor, sample: torch.Tensor, current: torch.Tensor, k: int, return_dict: bool
     ) -> DiffSamplersSchedulerOutput | tuple:
         """The Euler form as one float64 linear combination of ``(x_{k-1}, F, x_k)`` with host-side coefficients.
 
         ``d_k = a_x x_k + a_F F`` with ``a_x = (1 - c_skip) / sigma_k = sigma_k / (sigma_k^2 + sigma_data^2)`` and
         ``a_F = -c_out / sigma_k``, so the update is ``x_{k+1} = gamma x_{k-1} + ((1 - gamma) + s a_x) x_k + s a_F F``
         with ``s = h_f - gamma h_b``; it is accumulated in reused float64 buffers (as BDIA-DDIM's linear step), not
-        through fresh float64 temporaries for ``D``, ``d_k`` and both increments.
+        through fresh float64 temporaries for ``D``, ``d_k`` and both increments. ``current`` is ``x_k`` (float64
+        when carried over from the previous step), ``sample`` the pipeline's view of it (the model's input).
         """
         gamma, upper, slope = self._bdia_terms(k, self._level_floats[k + 1] - self._level_floats[k])
         a_x, a_f = self._slope_coefficients(k)
         prev_sample, self._upper_sample = self._workspace.combine(
-            upper, gamma, [(model_output, slope * a_f)], sample, (1.0 - gamma) + slope * a_x, sample.dtype
+            upper, gamma, [(model_output, slope * a_f)], current, (1.0 - gamma) + slope * a_x, sample.dtype
         )
         return self._output(prev_sample, self._denoised_output(model_output, sample, k), return_dict)
 
@@ -490,6 +535,7 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
     ) -> DiffSamplersSchedulerOutput | tuple:
         if self._pair_lower is not None:  # the Heun slot of an interval skipped by an injected pair
             lower, self._pair_lower = self._pair_lower, None
+            self._workspace.returned = lower
             return self._output(
                 lower.to(sample.dtype), self._denoised_output(model_output, sample, k + 1), return_dict
             )
@@ -498,17 +544,19 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
                 "this call is the second (corrector) call of a Heun step, but no first call preceded it: "
                 "a run must begin at a first call (index_for_timestep finds one; set_begin_index takes an even index)"
             )
-        current, first_output = self._current, self._first_output
-        self._current = self._first_output = None
+        current, first_output, predicted = self._current, self._first_output, self._predicted
+        self._current = self._first_output = self._predicted = None
+        # the predictor p itself when the pipeline hands back its view, else (an edited input) what it was given
+        point = predicted if same_sample(sample, predicted) else sample
         # x_{k+1} = x_k + h (d_k + d') / 2 + gamma (x_{k-1} - x_k - h_b d_k), with d_k = a_x x_k + a_F F_k and the
         # predictor's d' = b_x p + b_F F': one float64 combination of (x_{k-1}, F_k, p, F', x_k)
         h = self._level_floats[k + 1] - self._level_floats[k]
         gamma, upper, slope = self._bdia_terms(k, 0.5 * h)
         a_x, a_f = self._slope_coefficients(k)
         b_x, b_f = self._slope_coefficients(k + 1)
-        terms = [(first_output, slope * a_f), (sample, 0.5 * h * b_x), (model_output, 0.5 * h * b_f)]
+        terms = [(first_output, slope * a_f), (point, 0.5 * h * b_x), (model_output, 0.5 * h * b_f)]
         prev_sample, self._upper_sample = self._workspace.combine(
-            upper, gamma, terms, current, (1.0 - gamma) + slope * a_x, current.dtype
+            upper, gamma, terms, current, (1.0 - gamma) + slope * a_x, sample.dtype
         )
         return self._output(prev_sample, self._denoised_output(model_output, sample, k + 1), return_dict)
 
@@ -530,8 +578,9 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
             last level, whose step is a single Euler call, and always with ``solver="euler"``. The run's step index is
             not touched.
         """
+        check_model_output(model_output, sample)
         k = self._level_index(timestep)
-        if not self._heun or k == self.num_inference_steps - 1:
+        if not self._heun or k == self._num_levels - 1:
             return None
         return BDIAEDMPredictorOutput(
             sample=self._predictor(sample, model_output, k), timestep=self.level_timesteps[k + 1]
@@ -547,7 +596,7 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
         return_dict: bool = True,
     ) -> BDIAInverseOutput | tuple:
         """Recover ``x_{k-1}`` exactly from ``(x_k, x_{k+1})``: the BDIA-EDM step at ``timestep`` solved backwards,
-        ``x_{k-1} = (x_{k+1} - x_k - Delta_f(x_k)) / gamma + x_k + Delta_b(x_k)`` (spec §1.4).
+        ``x_{k-1} = (x_{k+1} - x_k - Delta_f(x_k)) / gamma + x_k + Delta_b(x_k)``.
 
         Both model outputs must be the ones sampling would get (same timestep labels, conditioning, guidance and
         dtype). The step index of a sampling run is not touched; call :meth:`set_timesteps` before an inversion loop
@@ -567,7 +616,7 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
 
         Returns:
             `BDIAInverseOutput` or `tuple`: ``upper_sample`` (``x_{k-1}``, in ``sample``'s dtype) and
-            ``pred_original_sample`` (the denoised ``D(x_k; sigma_k)``).
+            ``pred_original_sample`` (the denoised ``D(x_k; sigma_k)``, in the dtype :meth:`step` gives it).
         """
         gamma = float(self.config.gamma)
         if gamma <= 0.0:
@@ -575,27 +624,26 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
         k = self._level_index(timestep)
         if k == 0:
             raise ValueError("inverse_step needs the level above `timestep`: it cannot invert the first timestep")
-        last = not self._heun or k == self.num_inference_steps - 1
+        last = not self._heun or k == self._num_levels - 1
         if last and predictor_output is not None:
             raise ValueError("predictor_output must be None for an Euler step (solver='euler', or the last level)")
         if not last and predictor_output is None:
             raise ValueError("predictor_output is required: the Heun step needs the model at heun_predictor's point")
-        for name, tensor in (("model_output", model_output), ("lower_sample", lower_sample)) + (
-            () if predictor_output is None else (("predictor_output", predictor_output),)
-        ):
-            if tensor.shape != sample.shape:
-                raise ValueError(f"{name} must have sample's shape {tuple(sample.shape)}, got {tuple(tensor.shape)}")
+        check_model_output(model_output, sample)
+        check_model_output(lower_sample, sample, name="lower_sample")
+        if predictor_output is not None:
+            check_model_output(predictor_output, sample, name="predictor_output")
         denoised, derivative = self._derivative_at(model_output, sample, k)
         predictor = None if last else self._predictor(sample, model_output, k)
         delta_f, _ = self._forward_increment(sample, derivative, k, predictor, predictor_output)
         x = sample.double()
-        # spec §1.4 with EDM's increments, in float64
+        # BDIA's update solved for x_{k-1}, with EDM's increments, in float64
         upper = (
             (lower_sample.to(x.device, torch.float64) - x - delta_f) / gamma
             + x
             + self._backward_increment(derivative, k)
         )
-        upper, denoised = upper.to(sample.dtype), denoised.to(sample.dtype)
+        upper, denoised = upper.to(sample.dtype), denoised.to(output_dtypes(sample, model_output)[1])
         if not return_dict:
             return (upper, denoised)
         return BDIAInverseOutput(upper_sample=upper, pred_original_sample=denoised)
@@ -620,3 +668,21 @@ def _matches(sample: torch.Tensor, stored: torch.Tensor) -> bool:
     eps = 16 * torch.finfo(sample.dtype).eps
     stored = stored.to(sample.device, torch.float64)
     return bool(torch.allclose(sample.double(), stored, rtol=eps, atol=eps * float(stored.abs().max())))
+
+
+def _checked_ramp(sigmas: Any) -> torch.Tensor:
+    """Custom ``sigmas`` of :meth:`BDIAEDMScheduler.set_timesteps` as a float64 tensor: EDMEulerScheduler's positions
+    along its schedule, so finite, strictly increasing and in ``[0, 1]``."""
+    try:
+        ramp = torch.as_tensor(
+            np.asarray(sigmas.cpu() if isinstance(sigmas, torch.Tensor) else sigmas), dtype=torch.float64
+        )
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"sigmas must be a 1-D list of numbers, got {sigmas!r}") from err
+    if ramp.ndim != 1 or len(ramp) < 1:
+        raise ValueError(f"sigmas must be a non-empty 1-D list of numbers, got shape {tuple(ramp.shape)}")
+    if not bool(torch.isfinite(ramp).all()) or float(ramp.min()) < 0.0 or float(ramp.max()) > 1.0:
+        raise ValueError(f"sigmas are positions along the EDM schedule: they must lie in [0, 1], got {ramp.tolist()}")
+    if len(ramp) > 1 and not bool((ramp[1:] > ramp[:-1]).all()):
+        raise ValueError(f"sigmas must be strictly increasing positions (0 = sigma_max), got {ramp.tolist()}")
+    return ramp
