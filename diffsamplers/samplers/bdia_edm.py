@@ -439,17 +439,27 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
         model_output: torch.Tensor,
         timestep: float | torch.Tensor,
         sample: torch.Tensor,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
         generator: torch.Generator | None = None,
         return_dict: bool = True,
     ) -> DiffSamplersSchedulerOutput | tuple:
         """One call of the Heun protocol: the predictor after the first call of an interval, ``x_{k+1}`` after the
         second (or after the single call of the last interval).
 
+        The arguments after ``sample`` are ``EDMEulerScheduler.step``'s, in its order, so a call written for it works
+        positionally too; BDIA is deterministic, so ``s_churn`` must be 0 (``s_tmin``, ``s_tmax`` and ``s_noise``
+        only shape the churn and are then unused).
+
         Args:
             model_output (`torch.Tensor`): the (guided) raw network output ``F`` at ``(scale_model_input(sample),
                 timestep)``.
             timestep (`float` or `torch.Tensor`): the current entry of ``self.timesteps``.
             sample (`torch.Tensor`): ``x_k`` on a first call, the returned predictor on a second call.
+            s_churn (`float`, defaults to 0.0): EDM's stochastic churn; any other value raises a ``ValueError``.
+            s_tmin, s_tmax, s_noise (`float`): EDM's churn window and noise scale; unused without churn.
             generator (`torch.Generator`, *optional*): accepted for pipeline compatibility; unused.
             return_dict (`bool`, defaults to `True`): return a
                 :class:`~diffsamplers.samplers.base.DiffSamplersSchedulerOutput` rather than a tuple.
@@ -459,6 +469,8 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
             and ``pred_original_sample`` (the denoised ``D`` of this call, in the promotion of ``sample``'s and
             ``model_output``'s dtypes).
         """
+        if s_churn != 0.0:
+            raise ValueError(f"BDIA is deterministic: s_churn must be 0, got {s_churn!r}")
         index = self._begin_step(timestep, model_output, sample)
         k, second = self._level_of_call(index)
         last = k == self._num_levels - 1

@@ -503,7 +503,8 @@ class WrappedScheduler(SchedulerMixin, ConfigMixin):
 
     def _begin_step(self, timestep: Any) -> int:
         """This call's step index (initialised on the first call of a run, as diffusers does)."""
-        if self.base.num_inference_steps is None or self._levels is None:
+        # FlowMatchEuler has no num_inference_steps attribute at all until set_timesteps
+        if getattr(self.base, "num_inference_steps", None) is None or self._levels is None:
             raise ValueError("call set_timesteps before step")
         if hasattr(self.base, "step_index"):
             if self.base.step_index is None:
