@@ -460,18 +460,20 @@ def gaussian_flow_map(
         raise ValueError(f"from_level must be a noisy level (sigma > 0), got sigma = {s0.flatten().tolist()}")
     resid = x - a0 * mean  # x_T - a_T mu
     coeff = resid @ eigvecs  # u_k^T (x_T - a_T mu), (B, r)
-    # eq. 3.2: psi_k(t) = sqrt((a_t^2 lam_k + s_t^2) / (a_T^2 lam_k + s_T^2))
+    # Wang & Vastola (arXiv 2412.09726), the Gaussian solution per eigendirection:
+    # psi_k(t) = sqrt((a_t^2 lam_k + s_t^2) / (a_T^2 lam_k + s_T^2))
     psi = torch.sqrt((a1**2 * lam + s1**2) / (a0**2 * lam + s0**2))
     out = a1 * mean + (coeff * psi) @ eigvecs.T
     if eigvecs.shape[1] < eigvecs.shape[0]:
-        # complement of span(U): isotropic residual variance (spec 3.4); lam_perp = 0 gives s_t / s_T
+        # complement of span(U): one isotropic residual variance for the discarded eigendirections (a low-rank
+        # fit); lam_perp = 0 gives s_t / s_T
         psi_perp = torch.sqrt((a1**2 * lam_perp + s1**2) / (a0**2 * lam_perp + s0**2))
         out = out + psi_perp * (resid - coeff @ eigvecs.T)
     return out
 
 
 def frame_level(frame: str, sigma: Any) -> tuple[Any, Any]:
-    """``(alpha, sigma)`` of a noise level written in a scheduler frame (spec section 0).
+    """``(alpha, sigma)`` of a noise level written in a scheduler frame (the coordinates its ``latents`` carry).
 
     Args:
         frame (`str`): ``"vp"`` (DDIM/DPM/UniPC latents; ``sigma`` is the VE sigma ``sqrt((1 - abar) / abar)`` that

@@ -81,7 +81,7 @@ def exact_solution(
 
 
 def _closed_form(model: Any, x: torch.Tensor, a0: float, s0: float, a1: float, s1: float) -> torch.Tensor:
-    """Wang & Vastola's solution for one Gaussian (research spec adaptive_dualfast_teleport.md, eq. 3.2)."""
+    """Wang & Vastola's closed-form probability flow for one Gaussian (arXiv 2412.09726; the spectral solution)."""
     if model.means.shape[0] != 1:
         raise ValueError("the closed form needs a single-Gaussian model (K = 1)")
     lam, U = torch.linalg.eigh(model.covariances()[0])

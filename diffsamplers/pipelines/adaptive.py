@@ -3,7 +3,7 @@
 
 A diffusers scheduler cannot skip the network: the pipeline calls the model before ``scheduler.step``. The official
 code therefore copies whole pipeline classes. Here three cooperating pieces share one
-:class:`AdaptiveSkipController` instead (research notes, section 1.7):
+:class:`AdaptiveSkipController` instead:
 
 * the **model** (``pipe.unet`` or ``pipe.transformer``) gets an instance-level ``forward`` that returns the cached
   raw output (before guidance) on a skipped step, one cache per call slot within a step;
@@ -17,15 +17,16 @@ The components are patched in place rather than replaced by proxy objects: ``pip
 config are untouched, and :meth:`AdaptiveDiffusionHandle.disable` restores exactly the original objects and
 methods.
 
-The skip rule, as the official code runs it (notes, section 1.2), with ``x^(i)`` the latent entering step ``i``:
+The skip rule, as the official code (github.com/UniModal4Reasoning/AdaptiveDiffusion,
+``examples/AdaptiveDiffusion/acceleration/sparse_pipeline.py``) runs it, with ``x^(i)`` the latent entering step ``i``:
 
     Delta_j = mean |x^(j) - x^(j-1)|                                        (first-order difference magnitude)
     skip step i+1  <=>  |Delta_{i+1} - 2 Delta_i + Delta_{i-1}| <= 2 delta Delta_i      (third-order criterion)
 
 after ``warmup`` steps that always call the model, and with at most ``max_skips`` consecutive reuses. ``Delta`` is
 measured between the input and the output of each ``scheduler.step``, so latents edited by a
-``callback_on_step_end`` between steps do not distort it. The paper's own equations were not available when this
-was written (notes, section 1.2), so the comments cite the notes, which restate the official code.
+``callback_on_step_end`` between steps do not distort it. The paper's own equation numbers could not be checked
+when this was written (unverified), so the comments describe the official code rather than cite the paper.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ __all__ = [
 ]
 
 # Base schedulers that evaluate the model more than once per step, or at intermediate states between the grid
-# points: their latent differences alternate, which makes the criterion meaningless (notes, section 1.7).
+# points: their latent differences alternate, which makes the criterion meaningless.
 MULTI_CALL_SCHEDULERS = frozenset(
     {
         "HeunDiscreteScheduler",
@@ -65,7 +66,7 @@ MULTI_CALL_SCHEDULERS = frozenset(
 )
 
 # The official code applies its max-consecutive-skip guard only once more than this many decisions were recorded
-# (notes, section 1.2); that is why its first run of reuses is 5 long whatever C_max is.
+# (as its sparse pipeline is written); that is why its first run of reuses is 5 long whatever C_max is.
 _OFFICIAL_GUARD_MIN_DECISIONS = 4
 
 _MODEL_NAMES = ("unet", "transformer")
@@ -287,7 +288,7 @@ class AdaptiveSkipController:
             self._skip, self._reason, self._score = None, ["warmup"] * groups, None
             return
         d_prev, d_cur, d_next = self._deltas  # Delta_{i-1}, Delta_i, Delta_{i+1}
-        # Third-order criterion (notes, section 1.2): |Delta_{i+1} - 2 Delta_i + Delta_{i-1}| <= 2 delta Delta_i.
+        # Third-order criterion of the official code: |Delta_{i+1} - 2 Delta_i + Delta_{i-1}| <= 2 delta Delta_i.
         # Both sides are computed on the device and fetched together: one host sync per step.
         lhs_rhs = torch.stack([(d_next - 2 * d_cur + d_prev).abs(), 2 * d_cur]).tolist()
         scores, skip, reasons = [], [], []
