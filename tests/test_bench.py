@@ -1,6 +1,7 @@
 """`diffsamplers bench` on the bundled model and on a diffusers pipeline folder (offline)."""
 
 import json
+import math
 import os
 
 import pytest
@@ -9,31 +10,67 @@ import torch
 from diffsamplers.eval.cli import main
 
 
+def bench_args(out, *extra, gt_steps=20):
+    return ["bench", "--samplers", "ddim,dpmpp2m,bdia,ddim+adaptive", "--nfe", "4,10", "--num-samples", "16",
+            "--gt-steps", str(gt_steps), "--device", "cpu", "--out", str(out), *extra]
+
+
 def test_bench_on_bundled_model(tmp_path, capsys):
     out = tmp_path / "bench"
-    args = ["bench", "--samplers", "ddim,dpmpp2m,bdia", "--nfe", "4,10", "--num-samples", "48", "--gt-steps", "50",
-            "--device", "cpu", "--out", str(out)]
-    main(args)
+    assert main(bench_args(out)) == 0
     records = json.loads((out / "results.json").read_text())
-    expected = {(s, n) for s in ("ddim", "dpmpp2m", "bdia") for n in (4, 10)}
-    assert {(r["sampler"], r["nfe"]) for r in records} == expected
+    assert not (out / "results.partial.json").exists()
+    expected = {(s, n) for s in ("ddim", "dpmpp2m", "bdia", "ddim+adaptive") for n in (4, 10)}
+    assert {(r["sampler"], r["budget"]) for r in records} == expected
     for r in records:
-        assert set(r) >= {"sampler", "nfe", "fid_vs_gt", "psnr_vs_gt", "rmse_vs_gt", "seconds_per_image"}
-    by = {(r["sampler"], r["nfe"]): r for r in records}
+        assert set(r) >= {"sampler", "budget", "nfe", "fid_vs_gt", "psnr_vs_gt", "rmse_vs_gt", "seconds_per_image"}
+        # AdaptiveDiffusion runs a grid of twice the budget and makes at most that many calls
+        assert r["nfe"] == r["budget"] if r["sampler"] != "ddim+adaptive" else r["nfe"] <= 2 * r["budget"]
+    by = {(r["sampler"], r["budget"]): r for r in records}
     for s in ("ddim", "dpmpp2m", "bdia"):  # more steps get closer to the full-step ground truth
         assert by[(s, 10)]["rmse_vs_gt"] < by[(s, 4)]["rmse_vs_gt"]
         assert by[(s, 10)]["psnr_vs_gt"] > by[(s, 4)]["psnr_vs_gt"]
-    for name in ("fid_vs_nfe.png", "grid_ddim.png", "grid_bdia.png"):
+    for name in ("fid_vs_nfe.png", "grid_ddim.png", "grid_bdia.png", "grid_ddim+adaptive.png"):
         assert os.path.getsize(out / name) > 1000
     table = capsys.readouterr().out
-    assert "fid_vs_gt" in table and "bdia" in table
-    # the ground truth is cached: a second run reuses its shards, and a run asking for another one is refused
+    assert "fid_vs_gt" in table and "budget" in table and "bdia" in table
+    # a second run into the folder is refused, and keeps the first run's results
+    before = (out / "results.json").read_text()
+    assert main(bench_args(out)) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == before
+    # with --overwrite it reuses the cached ground truth's shards
     shard = next((out / "ground_truth").glob("*.safetensors"))
     mtime = shard.stat().st_mtime_ns
-    main(args)
+    assert main(bench_args(out, "--overwrite")) == 0
     assert shard.stat().st_mtime_ns == mtime
-    with pytest.raises(ValueError):
-        main(args[:-2] + ["--gt-steps", "40", "--out", str(out)])
+    assert json.loads((out / "results.json").read_text()) == [
+        {**r, "seconds_per_image": r2["seconds_per_image"]}
+        for r, r2 in zip(json.loads(before), json.loads((out / "results.json").read_text()))
+    ]
+    # a run asking for another ground truth is refused, in one line
+    capsys.readouterr()
+    assert main(bench_args(out, "--overwrite", gt_steps=15)) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("diffsamplers: error: ")
+
+
+@pytest.mark.slow
+def test_default_bench_end_to_end(tmp_path, capsys):
+    """The newcomer's run, `diffsamplers bench`, on every default sampler and budget (fewer seeds)."""
+    from diffsamplers.eval.cli import NFES
+    from diffsamplers.eval.samplers import digits_stats, sampler_registry
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--num-samples", "32", "--gt-steps", "50", "--device", "cpu", "--out", str(out)]) == 0
+    records = json.loads((out / "results.json").read_text())
+    defaults = [name for name, spec in sampler_registry(digits_stats()).items() if spec.default]
+    assert [(r["sampler"], r["budget"]) for r in records] == [(s, n) for s in defaults for n in NFES]
+    for r in records:
+        assert all(math.isfinite(r[k]) for k in ("fid_vs_gt", "psnr_vs_gt", "rmse_vs_gt")) and r["fid_vs_gt"] >= 0
+        if r["budget"] == max(NFES):  # every sampler gets near the ground truth at its largest budget
+            assert r["psnr_vs_gt"] > 20, r
+    for name in ["fid_vs_nfe.png"] + [f"grid_{s}.png" for s in defaults]:
+        assert os.path.getsize(out / name) > 1000
 
 
 def test_bench_on_a_pipeline_folder_with_prompts(tmp_path):
@@ -51,6 +88,17 @@ def test_bench_on_a_pipeline_folder_with_prompts(tmp_path):
     records = json.loads((out / "results.json").read_text())
     assert [r["sampler"] for r in records] == ["ddim", "bdia"]
     assert all(r["nfe"] == 3 and r["psnr_vs_gt"] > 0 for r in records)
+
+
+def test_a_text_to_image_folder_without_prompts_is_refused(tmp_path, capsys):
+    from diffsamplers.testing import tiny_stable_diffusion_pipeline
+
+    folder = tmp_path / "tiny-sd"
+    tiny_stable_diffusion_pipeline().save_pretrained(folder)
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(folder), "--device", "cpu", "--out", str(out)]) == 1
+    assert "is conditioned on text; give --prompts" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not out.exists()
 
 
 def test_teleport_budgets_skip_at_least_one_step():
@@ -77,3 +125,84 @@ def test_adaptive_entries_report_the_calls_they_make():
     assert by["off"]["rmse_vs_gt"] == by["plain"]["rmse_vs_gt"]
     assert 8 <= by["dpmpp2m+adaptive"]["nfe"] < 20
     assert by["dpmpp2m+adaptive"]["rmse_vs_gt"] < 0.2
+
+
+def fake_records(names, budgets=(4, 6, 8, 10, 20)):
+    records = []
+    for k, name in enumerate(names):
+        for b in budgets:
+            calls = round(0.7 * b, 1) if "adaptive" in name else b
+            records.append(dict(sampler=name, budget=b, nfe=calls, fid_vs_gt=(1 + k) * b**-1.5))
+    return records
+
+
+DEFAULT_NAMES = ["ddim", "euler", "heun", "dpmpp2m", "unipc", "bdia", "dualfast", "lml-k0.5", "ddim+adaptive",
+                 "dpmpp2m+adaptive", "dpmpp2m+teleport", "unipc+teleport"]
+
+
+def test_fid_plot_draws_every_sampler_distinctly():
+    from diffsamplers.eval.report import metric_vs_nfe_figure, sampler_family
+
+    names = DEFAULT_NAMES + ["bdia-g1", "dualfast-paper"] + [f"new{i}" for i in range(12)] + ["new3+teleport"]
+    fig = metric_vs_nfe_figure(fake_records(names), "fid_vs_gt", title="FID")
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert set(lines) == set(names)
+    look = {n: (line.get_color(), str(line.get_linestyle()), line.get_marker()) for n, line in lines.items()}
+    assert len(set(look.values())) == len(names)  # every series is distinguishable
+    for name in names:  # a variant has its base's colour and another line style
+        base = sampler_family(name)
+        if base != name and base in lines:
+            assert look[name][0] == look[base][0] and look[name][1:] != look[base][1:]
+    # the bases in the default run each have their own colour
+    bases = [n for n in DEFAULT_NAMES if sampler_family(n) == n]
+    assert len({look[n][0] for n in bases}) == len(bases)
+    assert look["dpmpp2m+teleport"][1:] == look["unipc+teleport"][1:]  # one variant, one style on every base
+
+
+def test_fid_plot_ticks_the_budgets_run():
+    from diffsamplers.eval.report import metric_vs_nfe_figure
+
+    fig = metric_vs_nfe_figure(fake_records(DEFAULT_NAMES, budgets=(3, 5, 7, 12)), "fid_vs_gt")
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert list(ax.get_xticks()) == [3, 5, 7, 12]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["3", "5", "7", "12"]
+    assert not [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()]
+
+
+def test_plot_title_is_not_cut_off(tmp_path):
+    from PIL import Image
+
+    from diffsamplers.eval.report import metric_vs_nfe_figure, plot_metric_vs_nfe
+
+    title = "exact Gaussian-mixture testbed (digits, 8x8): RMSE vs exact ODE solution"
+    fig = metric_vs_nfe_figure(fake_records(DEFAULT_NAMES), "fid_vs_gt", title=title)
+    fig.canvas.draw()
+    text = fig.axes[0].title
+    box, page = text.get_window_extent(), fig.bbox
+    assert " ".join(text.get_text().split()) == title
+    assert page.x0 <= box.x0 and box.x1 <= page.x1 and box.y1 <= page.y1
+    path = tmp_path / "plot.png"
+    plot_metric_vs_nfe(fake_records(DEFAULT_NAMES), "fid_vs_gt", str(path), title=title)
+    assert Image.open(path).size[0] > 800  # the legend beside the axes is kept in the image
+
+
+def test_grid_labels_tell_budgets_apart():
+    from diffsamplers.eval.report import budget_label
+
+    # AdaptiveDiffusion can make 7 calls at two budgets: the rows still differ
+    assert budget_label(8, 7) != budget_label(10, 7)
+    assert budget_label(8, 7) == "budget 8: 7 calls" and budget_label(8, 8) == "NFE 8"
+    assert budget_label(8, 6.5) == "budget 8: 6.5 calls"
+
+
+def test_equal_series_are_named_in_the_legend():
+    from diffsamplers.eval.report import metric_vs_nfe_figure
+
+    records = fake_records(["ddim", "euler", "dpmpp2m"])
+    for r in records:  # Euler is DDIM on a VP model: the same numbers
+        if r["sampler"] == "euler":
+            r["fid_vs_gt"] = next(d["fid_vs_gt"] for d in records if d["sampler"] == "ddim" and d["nfe"] == r["nfe"])
+    fig = metric_vs_nfe_figure(records, "fid_vs_gt")
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert labels == ["ddim", "euler (= ddim)", "dpmpp2m"]

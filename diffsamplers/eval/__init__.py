@@ -1,49 +1,54 @@
-"""Evaluation: full-step ground truth, features and FID, per-pair metrics, the exact-testbed errors, the bench."""
+"""Evaluation: full-step ground truth, features and FID, per-pair metrics, the exact-testbed errors, the bench.
 
-from .features import (
-    InceptionFeatureExtractor,
-    clean_resize,
-    extract_features,
-    find_inception_weights,
-    load_inception,
-    quantize_images,
-)
-from .fid import StreamingStats, fid_from_features, fid_from_stats, frechet_distance
-from .ground_truth import (
-    config_hash,
-    generate_ground_truth,
-    iter_ground_truth,
-    load_ground_truth,
-    pipeline_manifest,
-    pipeline_sample_fn,
-)
-from .metrics import lpips, lpips_available, psnr, rmse, ssim
-from .testbed import SamplerSpec, diffusers_baselines, exact_testbed_errors, loglog_slope
+The names are resolved on first use (PEP 562), so ``import diffsamplers.eval.cli`` (the console script) reads its
+arguments before torch and diffusers are imported.
+"""
 
-__all__ = [
-    "InceptionFeatureExtractor",
-    "SamplerSpec",
-    "StreamingStats",
-    "clean_resize",
-    "config_hash",
-    "diffusers_baselines",
-    "exact_testbed_errors",
-    "extract_features",
-    "fid_from_features",
-    "fid_from_stats",
-    "find_inception_weights",
-    "frechet_distance",
-    "generate_ground_truth",
-    "iter_ground_truth",
-    "load_ground_truth",
-    "load_inception",
-    "loglog_slope",
-    "lpips",
-    "lpips_available",
-    "pipeline_manifest",
-    "pipeline_sample_fn",
-    "psnr",
-    "quantize_images",
-    "rmse",
-    "ssim",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> submodule that defines it
+_EXPORTS = {
+    "InceptionFeatureExtractor": "features",
+    "clean_resize": "features",
+    "extract_features": "features",
+    "find_inception_weights": "features",
+    "load_inception": "features",
+    "quantize_images": "features",
+    "StreamingStats": "fid",
+    "fid_from_features": "fid",
+    "fid_from_stats": "fid",
+    "frechet_distance": "fid",
+    "config_hash": "ground_truth",
+    "generate_ground_truth": "ground_truth",
+    "iter_ground_truth": "ground_truth",
+    "load_ground_truth": "ground_truth",
+    "pipeline_manifest": "ground_truth",
+    "pipeline_sample_fn": "ground_truth",
+    "lpips": "metrics",
+    "lpips_available": "metrics",
+    "psnr": "metrics",
+    "rmse": "metrics",
+    "ssim": "metrics",
+    "SamplerSpec": "testbed",
+    "diffusers_baselines": "testbed",
+    "exact_testbed_errors": "testbed",
+    "loglog_slope": "testbed",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -121,7 +121,12 @@ def bench_model(
     gt_steps: int = GT_STEPS,
     progress: bool = True,
 ) -> list[dict]:
-    """Run the protocol; writes ``results.json``, ``fid_vs_nfe.png`` and one ``grid_<sampler>.png`` per sampler."""
+    """Run the protocol; writes ``results.json``, ``fid_vs_nfe.png`` and one ``grid_<sampler>.png`` per sampler.
+
+    Each record holds the ``budget`` asked for (an entry of ``nfes``) and ``nfe``, the model calls really made
+    (they differ for Heun's last Euler step and for AdaptiveDiffusion, which reports the mean over batches).
+    ``results.json`` is written when every entry is done (``results.partial.json`` holds the entries so far).
+    """
     seeds = list(range(seed, seed + num_samples))
     gt = ground_truth(model, seeds, os.path.join(out_dir, "ground_truth"), gt_steps)
     gt_images = model.decode(gt)
@@ -133,6 +138,7 @@ def bench_model(
 
         items = tqdm(items, desc="bench")
     records, grids = [], {}
+    partial = os.path.join(out_dir, "results.partial.json")
     for name, spec, nfe in items:
         scheduler = spec.build(config)
         steps = spec.steps_for_nfe(nfe)
@@ -144,6 +150,7 @@ def bench_model(
         records.append(
             dict(
                 sampler=name,
+                budget=nfe,
                 nfe=calls,
                 steps=steps,
                 fid_vs_gt=fid_from_stats(stats, gt_stats),
@@ -152,14 +159,18 @@ def bench_model(
                 seconds_per_image=seconds / num_samples,
             )
         )
-        grids.setdefault(name, []).append((calls, images[:8]))
-        report.write_json(records, os.path.join(out_dir, "results.json"))  # an interrupted run keeps what it did
+        grids.setdefault(name, []).append((report.budget_label(nfe, calls), images[:8]))
+        # an interrupted run keeps what it did, without replacing the results.json of an earlier complete run
+        report.write_json(records, partial)
     for name, rows in grids.items():
         report.save_grid([images for _, images in rows] + [gt_images[:8]],
-                         [f"NFE {calls}" for calls, _ in rows] + [f"GT ({gt_steps} steps)"],
+                         [label for label, _ in rows] + [f"GT ({gt_steps} steps)"],
                          os.path.join(out_dir, f"grid_{name}.png"), title=name)
     report.plot_metric_vs_nfe(records, "fid_vs_gt", os.path.join(out_dir, "fid_vs_nfe.png"),
                               title=f"{model.name}: FID vs full-step ground truth", ylabel="FID vs GT")
+    report.write_json(records, os.path.join(out_dir, "results.json"))
+    if os.path.exists(partial):
+        os.remove(partial)
     return records
 
 
@@ -228,6 +239,8 @@ def pipeline_bench_model(model_id: str, prompts: list[str] | None, device: Any, 
         return torch.cat(out)
 
     denoiser, call_kwargs = _GuidedDenoiser(net, None), None
+    if not prompts and getattr(net.config, "cross_attention_dim", None) is not None:
+        raise ValueError(f"--model {model_id!r}: {type(pipe).__name__} is conditioned on text; give --prompts")
     if prompts:
         if not hasattr(pipe, "encode_prompt"):
             raise ValueError(f"--prompts given but {type(pipe).__name__} has no encode_prompt")

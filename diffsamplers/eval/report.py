@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from typing import Iterable
 
 
@@ -35,32 +36,111 @@ def write_json(records: list[dict], path: str) -> None:
     os.replace(tmp, path)
 
 
-def plot_metric_vs_nfe(
-    records: list[dict], metric: str, path: str, *, title: str = "", logy: bool = True, ylabel: str | None = None
-) -> None:
-    """One line per sampler of ``metric`` against NFE (log-log when ``logy``), saved as a PNG."""
+def budget_label(budget: int, calls: float) -> str:
+    """``"NFE 8"`` when the calls made equal the budget, else ``"budget 8: 7 calls"`` (AdaptiveDiffusion, Heun), so
+    two rows of one sampler never share a label."""
+    return f"NFE {budget}" if calls == budget else f"budget {budget}: {calls:g} calls"
+
+
+# colour per base sampler (its family), line style and marker per variant of that base
+_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+            "#17becf")  # matplotlib's tab10
+_LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def sampler_family(name: str) -> str:
+    """The base a sampler name varies: ``"dpmpp2m+teleport"`` -> ``"dpmpp2m"``, ``"bdia-g1"`` -> ``"bdia"``."""
+    return re.split(r"[+-]", name, maxsplit=1)[0]
+
+
+def series_styles(names: Iterable[str]) -> dict[str, dict]:
+    """Matplotlib ``plot`` keywords per sampler: the colour is the base's (:func:`sampler_family`), the line style and
+    marker the variant's (``+teleport`` looks the same on every base; the base itself is solid with circles). Every
+    other base has hollow markers. Past ten bases the colours repeat with shifted markers, so every (colour, line
+    style, marker) stays distinct."""
+    names = list(dict.fromkeys(names))
+    families = list(dict.fromkeys(sampler_family(n) for n in names))
+    kinds = list(dict.fromkeys([""] + [n[len(sampler_family(n)):] for n in names]))
+    styles = {}
+    for name in names:
+        i, k = families.index(sampler_family(name)), kinds.index(name[len(sampler_family(name)):])
+        styles[name] = dict(
+            color=_PALETTE[i % len(_PALETTE)],
+            linestyle=_LINESTYLES[k % len(_LINESTYLES)],
+            marker=_MARKERS[(k + i // len(_PALETTE)) % len(_MARKERS)],
+        )
+        if i % 2:  # hollow markers on every other base: where two bases nearly coincide, both still show
+            styles[name]["markerfacecolor"] = "none"
+    return styles
+
+
+def metric_vs_nfe_figure(
+    records: list[dict], metric: str, *, title: str = "", logy: bool = True, ylabel: str | None = None
+):
+    """The figure of :func:`plot_metric_vs_nfe`: one series per sampler at the model calls it made (``nfe``); the
+    x ticks are the budgets run (``budget``, else ``nfe``), as plain numbers; the legend sits outside the axes."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
 
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
-    for sampler in dict.fromkeys(r["sampler"] for r in records):
+    samplers = list(dict.fromkeys(r["sampler"] for r in records))
+    styles = series_styles(samplers)
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
+    drawn: dict[str, list[tuple[float, float]]] = {}
+    for sampler in samplers:
         rows = sorted((r for r in records if r["sampler"] == sampler and r.get(metric) is not None),
                       key=lambda r: r["nfe"])
-        if rows:
-            ax.plot([r["nfe"] for r in rows], [r[metric] for r in rows], marker="o", label=sampler)
+        if not rows:
+            continue
+        points = [(r["nfe"], r[metric]) for r in rows]
+        style, label = dict(styles[sampler], markersize=6, linewidth=1.5), sampler
+        # a series equal to one already drawn (Euler is DDIM on a VP model) would hide it: draw it thin and hollow
+        # on top, and say so in the legend
+        twin = next((name for name, other in drawn.items() if _same_points(points, other)), None)
+        if twin is not None:
+            style.update(linewidth=0.9, markersize=8, markerfacecolor="none")
+            label = f"{sampler} (= {twin})"
+        drawn[sampler] = points
+        ax.plot(*zip(*points), label=label, **style)
     ax.set_xscale("log")
+    ticks = sorted({r.get("budget", r["nfe"]) for r in records})
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())  # log axes label minor ticks as 3x10^0
+    ax.set_xticklabels([f"{t:g}" for t in ticks])
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel("NFE (model calls)")
     ax.set_ylabel(ylabel or metric)
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.set_title(textwrap.fill(title, 80), fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.grid(True, which="minor", axis="y", alpha=0.1)
+    ncol = 1 + (len(samplers) - 1) // 18
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=ncol, handlelength=3.2,
+              frameon=False)
     fig.tight_layout()
+    return fig
+
+
+def _same_points(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> bool:
+    return len(a) == len(b) and all(
+        x1 == x2 and math.isclose(y1, y2, rel_tol=1e-3, abs_tol=1e-12) for (x1, y1), (x2, y2) in zip(a, b)
+    )
+
+
+def plot_metric_vs_nfe(
+    records: list[dict], metric: str, path: str, *, title: str = "", logy: bool = True, ylabel: str | None = None
+) -> None:
+    """One line per sampler of ``metric`` against NFE (log-log when ``logy``), saved as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = metric_vs_nfe_figure(records, metric, title=title, logy=logy, ylabel=ylabel)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # the legend and a long title stay inside the image
     plt.close(fig)
 
 

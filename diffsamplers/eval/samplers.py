@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..samplers import BDIAScheduler, DualFastScheduler, GaussianStats, LMLScheduler, TeleportScheduler
+from .. import BDIAScheduler, DualFastScheduler, GaussianStats, LMLScheduler, TeleportScheduler
 from .testbed import SamplerSpec, diffusers_baselines
 
 TELEPORT_SKIP = 0.2
@@ -24,28 +24,35 @@ def sampler_registry(stats: GaussianStats | None = None) -> dict[str, SamplerSpe
     """Name -> :class:`SamplerSpec`, baselines first. With data ``stats`` (Gaussian statistics of the model's
     training data, in its latent space) the teleported variants of DPM-Solver++(2M) and UniPC are included."""
     registry = dict(diffusers_baselines())
-    registry["bdia"] = SamplerSpec("bdia", lambda c: BDIAScheduler.from_config(c, gamma=0.5))
-    registry["bdia-g1"] = SamplerSpec("bdia-g1", lambda c: BDIAScheduler.from_config(c, gamma=1.0), default=False)
-    registry["dualfast"] = SamplerSpec("dualfast", lambda c: DualFastScheduler.from_config(c))
+    registry["bdia"] = SamplerSpec("bdia", lambda c: BDIAScheduler.from_config(c, gamma=0.5),
+                                   description="BDIA-DDIM, gamma = 0.5 (few-step setting)")
+    registry["bdia-g1"] = SamplerSpec("bdia-g1", lambda c: BDIAScheduler.from_config(c, gamma=1.0), default=False,
+                                      description="BDIA-DDIM, gamma = 1 (the inversion setting)")
+    registry["dualfast"] = SamplerSpec("dualfast", lambda c: DualFastScheduler.from_config(c),
+                                       description="DualFast error extrapolation around DPM-Solver++")
     registry["dualfast-paper"] = SamplerSpec(
         "dualfast-paper",
         lambda c: DualFastScheduler.from_config(c, tau="first", mix_placement="model_output"),
         default=False,
+        description="DualFast as its paper places the mix (tau = first, on the model output)",
     )
     # LML at its released defaults is exactly its base; this is the best setting measured on the testbed
     registry["lml-k0.5"] = SamplerSpec(
-        "lml-k0.5", lambda c: LMLScheduler.from_config(c, lm_lambda=10.0, lm_kappa=0.5)
+        "lml-k0.5", lambda c: LMLScheduler.from_config(c, lm_lambda=10.0, lm_kappa=0.5),
+        description="Levenberg-Marquardt-Langevin correction, lambda = 10, kappa = 0.5",
     )
     # AdaptiveDiffusion on a grid of twice the budget: the NFE reported is the calls it really made (the setting
     # that met the 2x-fewer-calls target on the bundled model, benchmarks/RESULTS.md)
     for base in ("ddim", "dpmpp2m"):
         registry[f"{base}+adaptive"] = SamplerSpec(
-            f"{base}+adaptive", registry[base].build, lambda nfe: 2 * nfe, adaptive=dict(delta=0.05, max_skips=4)
+            f"{base}+adaptive", registry[base].build, lambda nfe: 2 * nfe, adaptive=dict(delta=0.05, max_skips=4),
+            description=f"AdaptiveDiffusion on {base}, a grid of 2x the budget (reports the calls made)",
         )
     if stats is not None:
         for base in ("dpmpp2m", "unipc"):
             registry[f"{base}+teleport"] = SamplerSpec(
-                f"{base}+teleport", _teleported(registry[base].build, stats), _teleport_steps
+                f"{base}+teleport", _teleported(registry[base].build, stats), _teleport_steps,
+                description=f"{base} after a Gaussian teleport over {TELEPORT_SKIP:.0%} of a finer grid",
             )
     return registry
 

@@ -38,7 +38,8 @@ class SamplerSpec:
         steps_for_nfe (`Callable[[int], int]`): number of inference steps for a model-call budget.
         default (`bool`): part of the default ``diffsamplers bench`` run (variants are run on request).
         adaptive (`dict`, *optional*): run with :func:`~diffsamplers.enable_adaptive_diffusion` and these arguments;
-            the model calls it actually makes are reported as the NFE.
+            the model calls it actually makes are reported as the NFE (next to the budget asked for).
+        description (`str`): one line for ``diffsamplers bench --list``.
     """
 
     name: str
@@ -46,6 +47,7 @@ class SamplerSpec:
     steps_for_nfe: Callable[[int], int] = lambda nfe: nfe
     default: bool = True
     adaptive: dict | None = None
+    description: str = ""
 
 
 def diffusers_baselines() -> dict[str, SamplerSpec]:
@@ -59,19 +61,23 @@ def diffusers_baselines() -> dict[str, SamplerSpec]:
     )
 
     return {
-        "ddim": SamplerSpec("ddim", lambda c: DDIMScheduler.from_config(c)),
-        "euler": SamplerSpec("euler", lambda c: EulerDiscreteScheduler.from_config(c)),
+        "ddim": SamplerSpec("ddim", lambda c: DDIMScheduler.from_config(c), description="diffusers' DDIM (eta = 0)"),
+        "euler": SamplerSpec("euler", lambda c: EulerDiscreteScheduler.from_config(c),
+                             description="diffusers' Euler (first order in the EDM sigma)"),
         # Heun calls the model twice per step except on its last (Euler) step. It keeps its own default
         # "linspace" spacing: with "trailing" its final Euler jump starts at sigma ~ sqrt(T / N), an O(1/N) error.
         "heun": SamplerSpec(
             "heun",
             lambda c: HeunDiscreteScheduler.from_config(c, timestep_spacing="linspace"),
             lambda nfe: (nfe + 1) // 2,
+            description="diffusers' Heun (second order, two calls per step but the last)",
         ),
         "dpmpp2m": SamplerSpec(
-            "dpmpp2m", lambda c: DPMSolverMultistepScheduler.from_config(c, algorithm_type="dpmsolver++")
+            "dpmpp2m", lambda c: DPMSolverMultistepScheduler.from_config(c, algorithm_type="dpmsolver++"),
+            description="diffusers' DPM-Solver++(2M), the ground truth's solver",
         ),
-        "unipc": SamplerSpec("unipc", lambda c: UniPCMultistepScheduler.from_config(c)),
+        "unipc": SamplerSpec("unipc", lambda c: UniPCMultistepScheduler.from_config(c),
+                             description="diffusers' UniPC (bh2 predictor-corrector)"),
     }
 
 
@@ -129,8 +135,8 @@ def exact_testbed_errors(
 ) -> list[dict]:
     """RMSE of each sampler's final sample against the exact solution, one record per (sampler, NFE).
 
-    Records carry ``sampler``, ``nfe`` (model calls actually made), ``steps``, ``rmse_vs_gt`` and
-    ``seconds_per_image``.
+    Records carry ``sampler``, ``budget`` (the entry of ``nfes``), ``nfe`` (model calls actually made), ``steps``,
+    ``rmse_vs_gt`` and ``seconds_per_image``.
     """
     config = dict(config or TESTBED_CONFIG)
     model = model or GaussianMixtureModel.digits(scheduler_config=config)
@@ -154,7 +160,8 @@ def exact_testbed_errors(
             references[t0] = exact_solution(model, x_T, t0)
         rmse = float((sample.double() - references[t0]).pow(2).mean().sqrt())
         records.append(
-            dict(sampler=name, nfe=calls, steps=steps, rmse_vs_gt=rmse, seconds_per_image=seconds / num_samples)
+            dict(sampler=name, budget=nfe, nfe=calls, steps=steps, rmse_vs_gt=rmse,
+                 seconds_per_image=seconds / num_samples)
         )
     return records
 
