@@ -6,8 +6,7 @@ do not import torch and diffusers; ``from diffsamplers import BDIAScheduler`` wo
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -40,39 +39,5 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'diffsamplers' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    # cache it in the package namespace, but never let a submodule of the same name shadow it there: `import
-    # diffsamplers.pipelines.teleport` binds the submodule on its parent package only
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
-
-
-if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
-    from .models import GaussianMixtureModel, exact_solution
-    from .pipelines import (
-        AdaptiveDiffusionHandle,
-        AdaptiveSkipController,
-        AdaptiveStepRecord,
-        GaussianStats,
-        enable_adaptive_diffusion,
-        teleport,
-        teleport_pipeline,
-    )
-    from .samplers import (
-        BDIAEDMPredictorOutput,
-        BDIAEDMScheduler,
-        BDIAInverseOutput,
-        BDIAScheduler,
-        DualFastScheduler,
-        LMLScheduler,
-        TeleportScheduler,
-    )
-    from .schedule import NoiseSchedule, convert_model_output, ddim_step, from_x0_eps, gaussian_flow_map, to_x0_eps

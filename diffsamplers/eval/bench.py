@@ -99,7 +99,7 @@ def ground_truth(model: BenchModel, seeds: list[int], out_dir: str, steps: int =
         scheduler = DPMSolverMultistepScheduler.from_config(config)
         return sample_with(model, scheduler, list(chunk), steps)[0]
 
-    generate_ground_truth(sample_fn, seeds, out_dir, manifest=manifest, shard_size=256, progress=True)
+    generate_ground_truth(sample_fn, seeds, out_dir, manifest=manifest, progress=True)
     return load_ground_truth(out_dir, config=manifest, seeds=seeds)
 
 
