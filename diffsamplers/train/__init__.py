@@ -1,1 +1,15 @@
-"""diffsamplers.train."""
+"""Fitting and learning sampler parameters: learned solvers (OLSS, Bespoke/BNS, time grids) and distillation (SLAM).
+
+Names are resolved on first use, as in the top-level package.
+"""
+
+from __future__ import annotations
+
+from .._lazy import lazy_exports
+
+# public name -> submodule that defines it
+_EXPORTS: dict[str, str] = {}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
