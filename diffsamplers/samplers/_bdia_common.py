@@ -32,26 +32,53 @@ class BDIAInverseOutput(BaseOutput):
     pred_original_sample: torch.Tensor
 
 
+class StateView:
+    """A float64 state and the cast of it that a step handed to the pipeline.
+
+    The pipeline hands that very tensor back as the next step's ``sample`` (``latents = step(...).prev_sample``), so
+    :meth:`resolve` recognises it by identity and by its in-place version counter: no comparison of values, hence no
+    host-device sync in the step. A new tensor, or the handed-out one edited in place (a ``callback_on_step_end``),
+    is used as given.
+    """
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.state: torch.Tensor | None = None
+        self._view: torch.Tensor | None = None
+        self._version = -1
+
+    def hand_out(self, state: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Keep ``state`` and return a fresh cast of it to ``dtype`` (the pipeline's view)."""
+        view = state.to(dtype, copy=True)
+        self.state, self._view, self._version = state, view, view._version
+        return view
+
+    def resolve(self, sample: torch.Tensor) -> torch.Tensor:
+        """The kept state if ``sample`` is the untouched view of it, else ``sample``."""
+        if self._view is not None and sample is self._view and sample._version == self._version:
+            return self.state
+        return sample
+
+
 class LinearWorkspace:
     """The float64 state of a BDIA run: two latents, reused across steps (and runs) of one latent shape, in which a
     step forms ``gamma * upper + c_keep * keep + sum_j c_j * term_j`` without allocating a latent per step.
 
     After :meth:`combine`, one buffer holds ``keep`` (the next step's ``upper``) and the other the float64 result,
     of which the step hands out a cast; :meth:`current` gives that float64 result back when the pipeline returns the
-    cast unchanged, so that neither carried state is ever rounded to the pipeline's dtype.
+    cast unchanged (:class:`StateView`), so that neither carried state is ever rounded to the pipeline's dtype.
     """
 
     def __init__(self) -> None:
         self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.returned: torch.Tensor | None = None  # the float64 state whose cast the last step handed out
+        self.carried = StateView()  # the float64 state whose cast the last step handed out
 
     def current(self, sample: torch.Tensor) -> torch.Tensor:
-        """``z_i`` for a step given ``sample``: the float64 state the last step returned if ``sample`` is its cast
-        (the pipeline's view), else ``sample`` itself (a run's first step, or latents the pipeline edited)."""
-        returned = self.returned
-        if returned is None or sample.dtype == torch.float64 or sample.device != returned.device:
-            return sample
-        return returned if same_sample(sample, returned) else sample
+        """``z_i`` for a step given ``sample``: the float64 state the last step returned if ``sample`` is its view,
+        else ``sample`` itself (a run's first step, or latents the pipeline edited)."""
+        return self.carried.resolve(sample)
 
     def combine(
         self,
@@ -84,8 +111,7 @@ class LinearWorkspace:
         for term, coefficient in terms:  # mixed-dtype in-place adds accumulate in float64
             acc.add_(term, alpha=coefficient)
         self.buffers = (spare, acc)
-        self.returned = acc
-        return acc.to(dtype, copy=True), spare  # a copy even for float64: acc is overwritten by the next step
+        return self.carried.hand_out(acc, dtype), spare  # a copy even for float64: acc is overwritten next step
 
 
 def output_dtypes(sample: torch.Tensor, model_output: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:

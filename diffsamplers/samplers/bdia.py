@@ -65,12 +65,13 @@ class BDIAScheduler(DiffSamplersScheduler):
     sampler uses 0.5 at 10 steps) is for sampling only.
 
     Precision: the recursion carries ``z_{i+1}`` and ``z_i`` in float64 inside the scheduler. A pipeline holding
-    half-precision latents holds only a rounded view of them: when the ``sample`` given to :meth:`step` equals the
-    cast of what the previous step returned, the step uses its own float64 copy; any other ``sample`` (latents the
-    pipeline edited) is used as given. Without this the rounding of the carried states feeds BDIA's parasitic mode
-    (root ``-gamma`` on a zero-velocity model, larger in magnitude on uneven grids), which ``gamma`` near 1 does not
-    damp. ``prev_sample`` is returned in ``sample``'s dtype and ``pred_original_sample`` in the promotion of
-    ``sample``'s and ``model_output``'s dtypes, as ``DDIMScheduler`` returns them.
+    half-precision latents holds only a rounded view of them: when the ``sample`` given to :meth:`step` is the tensor
+    the previous step returned (the same object, not edited in place since), the step uses its own float64 copy; any
+    other ``sample`` (latents the pipeline edited or replaced) is used as given. Without this the rounding of the
+    carried states feeds BDIA's parasitic mode (root ``-gamma`` on a zero-velocity model, larger in magnitude on uneven
+    grids), which ``gamma`` near 1 does not damp. ``prev_sample`` is returned in ``sample``'s dtype and
+    ``pred_original_sample`` in the promotion of ``sample``'s and ``model_output``'s dtypes, as ``DDIMScheduler``
+    returns them.
 
     Choosing ``gamma``: where DDIM is an Euler step (flow coordinates; ``x / alpha`` in ``sigma / alpha`` for VP,
     up to the ratio of the alphas), the step's local error is ``(h_f^2 - gamma h_b^2) / 2`` times the trajectory's
@@ -145,7 +146,7 @@ class BDIAScheduler(DiffSamplersScheduler):
         # z_{i+1}: the input state of the previous step of this run (None before the first step); after a linear
         # step it is one of the float64 work buffers
         self._upper_sample: torch.Tensor | None = None
-        self._workspace.returned = None  # z_i of the next step: the float64 state the last step handed out a cast of
+        self._workspace.carried.clear()  # z_i of the next step: the float64 state the last step handed out a cast of
 
     def reset(self) -> None:
         """Forget the run in progress and any injected pair (``set_timesteps`` keeps an unconsumed pair)."""
@@ -295,9 +296,8 @@ class BDIAScheduler(DiffSamplersScheduler):
     ) -> DiffSamplersSchedulerOutput | tuple:
         """Close a step made on the general path: ``prev_sample`` (float64) is carried, its cast returned."""
         self._upper_sample = next_upper
-        self._workspace.returned = prev_sample
         self._step_index += 1
-        prev_sample, x0 = prev_sample.to(dtypes[0]), x0.to(dtypes[1])
+        prev_sample, x0 = self._workspace.carried.hand_out(prev_sample, dtypes[0]), x0.to(dtypes[1])
         if not return_dict:
             return (prev_sample, x0)
         return DiffSamplersSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)

@@ -41,6 +41,7 @@ from ..schedule import edm_preconditioning, is_edm_config
 from ._bdia_common import (
     BDIAInverseOutput,
     LinearWorkspace,
+    StateView,
     checked_gamma,
     checked_pair,
     output_dtypes,
@@ -111,15 +112,16 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
     ``[0.9, 1]`` (set it explicitly), where the recursion is far more sensitive to perturbations (next paragraph).
 
     Precision: the two carried states ``x_{k-1}`` and ``x_k`` (and Heun's predictor) stay in float64 inside the
-    scheduler; a pipeline's half-precision latents are only their rounded view. When the ``sample`` of a step equals
-    the cast of the state the previous step returned, the step uses its float64 copy; any other ``sample`` (edited
-    latents) is used as given. This matters because on Karras grids the BDIA recursion has a parasitic root of
-    magnitude above 1 (about -1.47 at ``gamma = 1``): any perturbation grows from step to step. Rounding the carried
-    states to float16 moved the final samples of a 20-level ``gamma = 1`` run on the digits testbed (data range 1.8)
-    by 11 (bfloat16: 63); with float64 states what is left is the amplified rounding of the model's own half-precision
-    output: 0.08 (Euler; bfloat16 0.4) and 0.03 (Heun; bfloat16 0.15) at ``gamma = 1``, but 7e-4 (bfloat16 6e-3,
-    as EDM's own sampler) at ``gamma = 0.5``, hence that default. ``prev_sample`` is returned in ``sample``'s dtype and
-    ``pred_original_sample`` in the promotion of ``sample``'s and ``model_output``'s dtypes (as ``DDIMScheduler``).
+    scheduler; a pipeline's half-precision latents are only their rounded view. When the ``sample`` of a step is the
+    tensor the previous step returned (the same object, not edited in place since), the step uses its float64 copy; any
+    other ``sample`` (edited or replaced latents) is used as given. This matters because on Karras grids the BDIA
+    recursion has a parasitic root of magnitude above 1 (about -1.47 at ``gamma = 1``): any perturbation grows from
+    step to step. Rounding the carried states to float16 moved the final samples of a 20-level ``gamma = 1`` run on the
+    digits testbed (data range 1.8) by 11 (bfloat16: 63); with float64 states what is left is the amplified rounding of
+    the model's own half-precision output: 0.08 (Euler; bfloat16 0.4) and 0.03 (Heun; bfloat16 0.15) at ``gamma = 1``,
+    but 7e-4 (bfloat16 6e-3, as EDM's own sampler) at ``gamma = 0.5``, hence that default. ``prev_sample`` is returned
+    in ``sample``'s dtype and ``pred_original_sample`` in the promotion of ``sample``'s and ``model_output``'s dtypes
+    (as ``DDIMScheduler``).
 
     Before :meth:`set_timesteps` the scheduler holds EDMEulerScheduler's construction grid (``num_train_timesteps +
     1`` levels; ``num_inference_steps`` is None), so ``timesteps``, ``sigmas``, ``scale_model_input`` and
@@ -250,10 +252,10 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
     def _reset_state(self) -> None:
         self._upper_sample: torch.Tensor | None = None  # x_{k-1}: the previous state of this run
         self._current: torch.Tensor | None = None  # x_k between the two calls of a Heun step
-        self._predicted: torch.Tensor | None = None  # the predictor handed out by that first call
+        self._predicted = StateView()  # the float64 predictor handed out by that first call, and its view
         self._first_output: torch.Tensor | None = None  # the model output at x_k, between the two calls
         self._pair_lower: torch.Tensor | None = None  # an injected x_k handed back again by the wasted second call
-        self._workspace.returned = None  # x_k of the next step: the float64 state the last step handed out a cast of
+        self._workspace.carried.clear()  # x_k of the next step: the float64 state the last step handed out a cast of
 
     def reset(self) -> None:
         """Forget the run in progress and any injected pair (``set_timesteps`` keeps an unconsumed pair)."""
@@ -491,9 +493,10 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
                 self._pending_pair = None
                 self._upper_sample = pair_upper
                 self._pair_lower = pair_lower if self._heun and not last else None
-                self._workspace.returned = pair_lower
                 return self._output(
-                    pair_lower.to(sample.dtype), self._denoised_output(model_output, sample, k), return_dict
+                    self._workspace.carried.hand_out(pair_lower, sample.dtype),
+                    self._denoised_output(model_output, sample, k),
+                    return_dict,
                 )
             else:
                 raise ValueError("the first step after set_inversion_pair must start from one of the injected samples")
@@ -503,10 +506,8 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
         # the first call of a Heun step: keep (x_k, F_k) and ask for the model at the predictor
         # the predictor in float64 from the carried x_k: the second call gets back its view, as a state's
         self._current, self._first_output = current, model_output
-        self._predicted = self._predictor(current.double(), model_output, k)
-        return self._output(
-            self._predicted.to(sample.dtype), self._denoised_output(model_output, sample, k), return_dict
-        )
+        predicted = self._predicted.hand_out(self._predictor(current.double(), model_output, k), sample.dtype)
+        return self._output(predicted, self._denoised_output(model_output, sample, k), return_dict)
 
     def _euler_step(
         self, model_output: torch.Tensor, sample: torch.Tensor, current: torch.Tensor, k: int, return_dict: bool
@@ -547,19 +548,21 @@ class BDIAEDMScheduler(DiffSamplersScheduler):
     ) -> DiffSamplersSchedulerOutput | tuple:
         if self._pair_lower is not None:  # the Heun slot of an interval skipped by an injected pair
             lower, self._pair_lower = self._pair_lower, None
-            self._workspace.returned = lower
             return self._output(
-                lower.to(sample.dtype), self._denoised_output(model_output, sample, k + 1), return_dict
+                self._workspace.carried.hand_out(lower, sample.dtype),
+                self._denoised_output(model_output, sample, k + 1),
+                return_dict,
             )
         if self._current is None:
             raise ValueError(
                 "this call is the second (corrector) call of a Heun step, but no first call preceded it: "
                 "a run must begin at a first call (index_for_timestep finds one; set_begin_index takes an even index)"
             )
-        current, first_output, predicted = self._current, self._first_output, self._predicted
-        self._current = self._first_output = self._predicted = None
-        # the predictor p itself when the pipeline hands back its view, else (an edited input) what it was given
-        point = predicted if same_sample(sample, predicted) else sample
+        current, first_output = self._current, self._first_output
+        self._current = self._first_output = None
+        # the float64 predictor p when the pipeline hands back its view, else (an edited input) what it was given
+        point = self._predicted.resolve(sample)
+        self._predicted.clear()
         # x_{k+1} = x_k + h (d_k + d') / 2 + gamma (x_{k-1} - x_k - h_b d_k), with d_k = a_x x_k + a_F F_k and the
         # predictor's d' = b_x p + b_F F': one float64 combination of (x_{k-1}, F_k, p, F', x_k)
         h = self._level_floats[k + 1] - self._level_floats[k]
