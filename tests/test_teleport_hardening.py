@@ -367,3 +367,22 @@ def test_docstrings_cite_the_paper():
         assert "2412.09726" in module.__doc__
         for internal in ("research spec", "spec 3", "spec section", "adaptive_dualfast_teleport", "/work/"):
             assert internal not in source, (module.__name__, internal)
+
+
+def test_learned_variance_base_passes_through(stats):
+    """A learned-variance DDPM base (DeepFloyd IF, Kandinsky) takes 2C-channel outputs and splits them itself: the
+    pass-through must hand them on unchanged, and still refuse any other shape."""
+    from diffusers import DDPMScheduler
+
+    base, plain = (DDPMScheduler(variance_type="learned_range") for _ in range(2))
+    wrapped = TeleportScheduler(base, stats, skip_steps=0)
+    wrapped.set_timesteps(5)
+    plain.set_timesteps(5)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = wrapped.timesteps[0]
+    got = wrapped.step(out, t, x, generator=torch.Generator().manual_seed(2)).prev_sample
+    expected = plain.step(out, t, x, generator=torch.Generator().manual_seed(2)).prev_sample
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="shape"):
+        wrapped.step(out[:1], wrapped.timesteps[1], x)

@@ -31,10 +31,9 @@ from ..schedule import (
 )
 from .checks import (
     check_config_argument,
-    check_custom_timesteps,
     check_learned_variance,
     check_model_output,
-    check_num_inference_steps,
+    check_schedule_arguments,
 )
 
 COMMON_CONFIG_DOC = """
@@ -177,12 +176,8 @@ class DiffSamplersScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("give num_inference_steps, timesteps or sigmas")
         # flow grids live on continuous time: any number of steps is distinct there
         train_steps = None if self.is_flow else self.config.num_train_timesteps
-        if num_inference_steps is not None:
-            num_inference_steps = check_num_inference_steps(num_inference_steps, train_steps)
-        if timesteps is not None:
-            timesteps = check_custom_timesteps(timesteps, train_steps).tolist()
-        if sigmas is not None:
-            check_custom_timesteps(sigmas, None, name="sigmas")
+        num_inference_steps, checked = check_schedule_arguments(num_inference_steps, timesteps, sigmas, train_steps)
+        timesteps = None if checked is None else checked.tolist()
         schedule = self.noise_schedule
         if self.is_flow:
             if self.config.use_dynamic_shifting and mu is None:

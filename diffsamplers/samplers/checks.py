@@ -71,14 +71,39 @@ def check_custom_timesteps(timesteps: Any, num_train_timesteps: int | None, name
     return values
 
 
-def check_model_output(model_output: Any, sample: Any, name: str = "model_output") -> None:
+def check_schedule_arguments(
+    num_inference_steps: Any, timesteps: Any, sigmas: Any, num_train_timesteps: int | None
+) -> tuple[int | None, torch.Tensor | None]:
+    """The ``set_timesteps`` arguments every scheduler checks: the step count and custom ``timesteps`` against a
+    discrete schedule of ``num_train_timesteps`` (``None`` for continuous time: flow matching, EDM), custom
+    ``sigmas`` strictly decreasing. Returns the count as an ``int`` and the timesteps as a tensor (or ``None``)."""
+    if num_inference_steps is not None:
+        num_inference_steps = check_num_inference_steps(num_inference_steps, num_train_timesteps)
+    if timesteps is not None:
+        timesteps = check_custom_timesteps(timesteps, num_train_timesteps)
+    if sigmas is not None:
+        check_custom_timesteps(sigmas, None, name="sigmas")
+    return num_inference_steps, timesteps
+
+
+def check_model_output(
+    model_output: Any, sample: Any, name: str = "model_output", learned_variance: bool = False
+) -> None:
     """``model_output`` and ``sample`` are tensors of one shape: a batch-1 output would otherwise broadcast silently
-    over a larger batch (or a 2-channel learned-variance output fail deep inside the step)."""
+    over a larger batch (or a 2-channel learned-variance output fail deep inside the step). ``learned_variance``
+    also admits twice the sample's channels, which a learned-variance ``DDPMScheduler`` splits itself."""
     if not isinstance(model_output, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(model_output).__name__}")
     if not isinstance(sample, torch.Tensor):
         raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
-    if model_output.shape != sample.shape:
+    doubled = (
+        learned_variance
+        and model_output.ndim == sample.ndim > 1
+        and model_output.shape[0] == sample.shape[0]
+        and model_output.shape[1] == 2 * sample.shape[1]
+        and model_output.shape[2:] == sample.shape[2:]
+    )
+    if model_output.shape != sample.shape and not doubled:
         hint = (
             " (a learned-variance model predicts twice the channels: pass the first half)"
             if model_output.ndim == sample.ndim and model_output.ndim > 1

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .checks import check_config_argument, check_custom_timesteps, check_model_output, check_num_inference_steps
+from .checks import check_config_argument, check_model_output, check_schedule_arguments
 from .gaussian_teleport import (
     GaussianStatsLike,
     _is_teleport_scheduler,
@@ -300,12 +300,9 @@ class TeleportScheduler:
         # schedules live on continuous time
         discrete = self.frame != "flow" and getattr(self.base, "alphas_cumprod", None) is not None
         train_steps = self.base.config.get("num_train_timesteps") if discrete else None
-        if bound.get("num_inference_steps") is not None:
-            check_num_inference_steps(bound["num_inference_steps"], train_steps)
-        if bound.get("timesteps") is not None:
-            check_custom_timesteps(bound["timesteps"], train_steps)
-        if bound.get("sigmas") is not None:
-            check_custom_timesteps(bound["sigmas"], None, name="sigmas")
+        check_schedule_arguments(
+            bound.get("num_inference_steps"), bound.get("timesteps"), bound.get("sigmas"), train_steps
+        )
 
     def _noise_level(self, index: int) -> float:
         alpha, sigma = frame_coeffs(self.base, index, self.frame)
@@ -363,7 +360,9 @@ class TeleportScheduler:
             sample (`torch.Tensor`): the current latents.
             *args, **kwargs: the base's other arguments (``generator``, ``eta``, ``return_dict``, ...).
         """
-        check_model_output(model_output, sample)
+        # a learned-variance DDPM base (DeepFloyd IF, Kandinsky) takes mean and variance channels and splits them
+        learned = self.base.config.get("variance_type") in ("learned", "learned_range")
+        check_model_output(model_output, sample, learned_variance=learned)
         if not self._stepped:
             self._check_first_timestep(timestep)
         if self._active:

@@ -39,13 +39,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 
 from ..schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS
-from .checks import (
-    check_config_argument,
-    check_custom_timesteps,
-    check_learned_variance,
-    check_model_output,
-    check_num_inference_steps,
-)
+from .checks import check_config_argument, check_learned_variance, check_model_output, check_schedule_arguments
 
 # the diffusers solvers that can be wrapped, resolved by name on first use: importing UniPC pulls in scipy.stats,
 # which would add about a second to `import diffsamplers`
@@ -442,18 +436,15 @@ class WrappedScheduler(SchedulerMixin, ConfigMixin):
         name = self.config.base_scheduler
         # flow grids live on continuous time: any number of steps is distinct there
         train_steps = None if self.is_flow else self.base.config.num_train_timesteps
+        num_inference_steps, _ = check_schedule_arguments(num_inference_steps, timesteps, sigmas, train_steps)
         call: dict[str, Any] = {"device": device}
         if num_inference_steps is not None:
-            call["num_inference_steps"] = check_num_inference_steps(num_inference_steps, train_steps)
+            call["num_inference_steps"] = num_inference_steps
         for key, value in (("timesteps", timesteps), ("sigmas", sigmas), ("mu", mu)):
             if value is None:
                 continue
             if key not in self._set_timesteps_params:
                 raise ValueError(f"{name} does not take custom `{key}` in set_timesteps")
-            if key == "timesteps":
-                check_custom_timesteps(value, train_steps)
-            elif key == "sigmas":
-                check_custom_timesteps(value, None, name="sigmas")
             call[key] = value
         self.base.set_timesteps(**call)
         self._build_levels()
