@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_write, load_safetensors
+from .._io import atomic_write, load_tagged_safetensors
 
 _FORMAT = "diffsamplers.GaussianStats"
 _FORMAT_VERSION = "1"
@@ -470,14 +470,9 @@ class GaussianStats:
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         name = os.fspath(path)
-        tensors, metadata, _ = load_safetensors(path)
-        if metadata.get("format") != _FORMAT:
-            raise ValueError(f"{name} is not a GaussianStats file (format {metadata.get('format')!r})")
-        if metadata.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(
-                f"{name} is a GaussianStats file of format version {metadata.get('format_version')!r}; this version "
-                f"of diffsamplers reads version {_FORMAT_VERSION!r}"
-            )
+        tensors, metadata, _ = load_tagged_safetensors(
+            path, _FORMAT, _FORMAT_VERSION, what="GaussianStats", version_key="format_version"
+        )
         missing = sorted({"mean", "eigvecs", "eigvals", "residual_variance"} - set(tensors))
         if missing:
             raise ValueError(f"{name} is not a complete GaussianStats file (missing tensors {', '.join(missing)})")
