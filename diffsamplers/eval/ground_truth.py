@@ -349,6 +349,9 @@ def generate_ground_truth(
             # also records the checksum of a shard whose run was killed before its manifest update
             shard["sha256"] = _verify_shard(out_dir, shard, stored)[0]
         else:
+            # a deleted (e.g. corrupt) shard is made again: its old checksum must not outlive it, since another
+            # process may write it and the main process only fills in missing checksums at the end
+            shard["sha256"] = None
             pending.append(shard)
 
     if is_main:
