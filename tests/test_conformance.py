@@ -67,12 +67,14 @@ def _teleport_stats() -> GaussianStats:
 @dataclass(frozen=True)
 class Case:
     """One exported scheduler: how to build it from a diffusers config at its neutral setting (where it must equal
-    ``reference``), the diffusers solver it then reduces to, and the config families it takes."""
+    ``reference``) and at an active one (where the method really changes the step: the contract checks run on both),
+    the diffusers solver it reduces to, and the config families it takes."""
 
     name: str
     make: Callable[[Any], Any]
     reference: Callable[[Any], Any]
     configs: dict[str, Callable[[], Any]]
+    active: Callable[[Any], Any] | None = None
     saves: bool = True  # save_pretrained / from_pretrained round trip
     signature: type | None = None  # whose positional ``step`` arguments it takes (default: the reference's)
 
@@ -93,27 +95,39 @@ def _family_reference(vp: type, flow: type, defaults: dict[str, Any] | None = No
 CASES = [
     Case("BDIAScheduler", lambda c: BDIAScheduler.from_config(c, gamma=0.0),
          _family_reference(DDIMScheduler, FlowMatchEulerDiscreteScheduler, {"clip_sample": False}),
-         {**VP_CONFIGS, **FLOW_CONFIGS}, signature=DDIMScheduler),
+         {**VP_CONFIGS, **FLOW_CONFIGS}, signature=DDIMScheduler,
+         active=lambda c: BDIAScheduler.from_config(c, gamma=0.5)),
     Case("BDIAEDMScheduler", lambda c: BDIAEDMScheduler.from_config(c, gamma=0.0), EDMEulerScheduler.from_config,
-         EDM_CONFIGS),
+         EDM_CONFIGS, active=lambda c: BDIAEDMScheduler.from_config(c, gamma=0.5, solver="heun")),
     Case("DualFastScheduler", lambda c: DualFastScheduler.from_config(c, c_max=0.0),
-         DPMSolverMultistepScheduler.from_config, VP_CONFIGS),
+         DPMSolverMultistepScheduler.from_config, VP_CONFIGS, active=DualFastScheduler.from_config),
     Case("DualFastScheduler[unipc]", lambda c: DualFastScheduler.from_config(c, c_max=0.0,
-         base_scheduler="UniPCMultistepScheduler"), UniPCMultistepScheduler.from_config, VP_CONFIGS),
+         base_scheduler="UniPCMultistepScheduler"), UniPCMultistepScheduler.from_config, VP_CONFIGS,
+         active=lambda c: DualFastScheduler.from_config(c, base_scheduler="UniPCMultistepScheduler")),
     Case("DualFastScheduler[ddim]", lambda c: DualFastScheduler.from_config(c, c_max=0.0,
-         base_scheduler="DDIMScheduler"), DDIMScheduler.from_config, VP_CONFIGS),
+         base_scheduler="DDIMScheduler"), DDIMScheduler.from_config, VP_CONFIGS,
+         active=lambda c: DualFastScheduler.from_config(c, base_scheduler="DDIMScheduler")),
     Case("LMLScheduler", lambda c: LMLScheduler.from_config(c, lm_kappa=0.0),
          _family_reference(DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler),
-         {**VP_CONFIGS, **FLOW_CONFIGS}),
+         {**VP_CONFIGS, **FLOW_CONFIGS}, active=lambda c: LMLScheduler.from_config(c, lm_lambda=10.0, lm_kappa=0.5)),
     Case("LMLScheduler[ddim]", lambda c: LMLScheduler.from_config(c, lm_kappa=0.0, base_scheduler="DDIMScheduler"),
-         DDIMScheduler.from_config, VP_CONFIGS),
+         DDIMScheduler.from_config, VP_CONFIGS,
+         active=lambda c: LMLScheduler.from_config(c, lm_lambda=10.0, lm_kappa=0.5, base_scheduler="DDIMScheduler")),
     Case("TeleportScheduler",
          lambda c: TeleportScheduler(DDIMScheduler.from_config(c), _teleport_stats(), skip_steps=0),
-         DDIMScheduler.from_config, VP_CONFIGS, saves=False),
+         DDIMScheduler.from_config, VP_CONFIGS, saves=False,
+         active=lambda c: TeleportScheduler(DDIMScheduler.from_config(c), _teleport_stats(), skip_steps=2)),
 ]
 
 CONFIG_CASES = [(case, key) for case in CASES for key in case.configs]
 CONFIG_IDS = [f"{case.name}-{key}" for case, key in CONFIG_CASES]
+# the contract checks run on both settings: at the neutral one a method may simply hand over to its base
+MODES = pytest.mark.parametrize("mode", ["neutral", "active"])
+
+
+def _build(case: Case, mode: str, config: Any) -> Any:
+    make = case.active if mode == "active" and case.active is not None else case.make
+    return make(config)
 
 
 def _model(x: torch.Tensor, t: Any) -> torch.Tensor:
@@ -276,11 +290,12 @@ def _positional_defaults(solver: type) -> list[Any]:
     return [next(p.default for p in params if p.name == name) for name in names]
 
 
+@MODES
 @pytest.mark.parametrize(("case", "key"), CONFIG_CASES, ids=CONFIG_IDS)
-def test_step_takes_the_reference_signature_positionally(case, key):
+def test_step_takes_the_reference_signature_positionally(mode, case, key):
     config = case.configs[key]()
     positional = _positional_defaults(case.signature or type(case.reference(config)))
-    keyword, by_position = case.make(config), case.make(config)
+    keyword, by_position = _build(case, mode, config), _build(case, mode, config)
     keyword.set_timesteps(STEPS)
     by_position.set_timesteps(STEPS)
     x = y = _initial(keyword)
@@ -289,7 +304,7 @@ def test_step_takes_the_reference_signature_positionally(case, key):
         out = by_position.step(_model(_scale(by_position, y, t), t), t, y, *positional)
         y = out.prev_sample if hasattr(out, "prev_sample") else out[0]
     torch.testing.assert_close(x, y, rtol=0, atol=0)
-    as_tuple = case.make(config)
+    as_tuple = _build(case, mode, config)
     as_tuple.set_timesteps(STEPS)
     t = as_tuple.timesteps[0]
     result = as_tuple.step(_model(_scale(as_tuple, _initial(as_tuple), t), t), t, _initial(as_tuple),
@@ -344,12 +359,13 @@ def test_add_noise_and_scale_model_input(case, key, when):
 # -- per-run state ------------------------------------------------------------------------------------------------
 
 
+@MODES
 @pytest.mark.parametrize(("case", "key"), CONFIG_CASES, ids=CONFIG_IDS)
-def test_set_timesteps_resets_the_run(case, key):
+def test_set_timesteps_resets_the_run(mode, case, key):
     """An interrupted run, then ``set_timesteps`` and a full run, equals a fresh run; two runs are identical."""
     config = case.configs[key]()
-    fresh = _loop(case.make(config))
-    scheduler = case.make(config)
+    fresh = _loop(_build(case, mode, config))
+    scheduler = _build(case, mode, config)
     scheduler.set_timesteps(STEPS)
     x = _initial(scheduler)
     for t in scheduler.timesteps[:3]:
@@ -360,9 +376,10 @@ def test_set_timesteps_resets_the_run(case, key):
     assert scheduler.step_index is None
 
 
+@MODES
 @pytest.mark.parametrize(("case", "key"), CONFIG_CASES, ids=CONFIG_IDS)
-def test_set_timesteps_moves_timesteps_to_the_device(case, key):
-    scheduler = case.make(case.configs[key]())
+def test_set_timesteps_moves_timesteps_to_the_device(mode, case, key):
+    scheduler = _build(case, mode, case.configs[key]())
     scheduler.set_timesteps(STEPS, device="cpu")
     assert scheduler.timesteps.device.type == "cpu"
     with pytest.raises((RuntimeError, ValueError, TypeError)):
@@ -372,14 +389,15 @@ def test_set_timesteps_moves_timesteps_to_the_device(case, key):
 # -- dtypes -------------------------------------------------------------------------------------------------------
 
 
+@MODES
 @pytest.mark.parametrize(("case", "key"), CONFIG_CASES, ids=CONFIG_IDS)
 @pytest.mark.parametrize(
     ("sample_dtype", "output_dtype"),
     [(torch.float32, torch.float16), (torch.float16, torch.float16), (torch.float64, torch.float64),
      (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)],
 )
-def test_step_returns_the_sample_dtype(case, key, sample_dtype, output_dtype):
-    scheduler = case.make(case.configs[key]())
+def test_step_returns_the_sample_dtype(mode, case, key, sample_dtype, output_dtype):
+    scheduler = _build(case, mode, case.configs[key]())
     scheduler.set_timesteps(STEPS)
     x = _initial(scheduler, sample_dtype)
     for t in scheduler.timesteps:
@@ -403,18 +421,20 @@ def test_half_precision_run_stays_near_float32(case, key):
 # -- bad input ----------------------------------------------------------------------------------------------------
 
 
+@MODES
 @pytest.mark.parametrize(("case", "key"), CONFIG_CASES, ids=CONFIG_IDS)
 @pytest.mark.parametrize("steps", [0, -3, True, 2.5, "10"])
-def test_bad_step_counts_are_refused(case, key, steps):
-    scheduler = case.make(case.configs[key]())
+def test_bad_step_counts_are_refused(mode, case, key, steps):
+    scheduler = _build(case, mode, case.configs[key]())
     with pytest.raises((ValueError, TypeError), match="num_inference_steps"):
         scheduler.set_timesteps(steps)
 
 
+@MODES
 @pytest.mark.parametrize(("case", "key"), [c for c in CONFIG_CASES if c[1] in VP_CONFIGS],
                          ids=[i for c, i in zip(CONFIG_CASES, CONFIG_IDS) if c[1] in VP_CONFIGS])
-def test_more_steps_than_training_timesteps_are_refused(case, key):
-    scheduler = case.make(case.configs[key]())
+def test_more_steps_than_training_timesteps_are_refused(mode, case, key):
+    scheduler = _build(case, mode, case.configs[key]())
     with pytest.raises(ValueError, match="num_inference_steps"):
         scheduler.set_timesteps(scheduler.config.num_train_timesteps + 1)
 
@@ -424,20 +444,22 @@ def _takes_custom_timesteps(scheduler: Any) -> bool:
     return "timesteps" in inspect.signature(base.set_timesteps).parameters
 
 
+@MODES
 @pytest.mark.parametrize(("case", "key"), [c for c in CONFIG_CASES if c[1] in VP_CONFIGS],
                          ids=[i for c, i in zip(CONFIG_CASES, CONFIG_IDS) if c[1] in VP_CONFIGS])
 @pytest.mark.parametrize("timesteps", [[500, 700, 100], [900, 500, 500, 100], [1000, 500, 0], [800, 400, -1]])
-def test_bad_custom_timesteps_are_refused(case, key, timesteps):
-    scheduler = case.make(case.configs[key]())
+def test_bad_custom_timesteps_are_refused(mode, case, key, timesteps):
+    scheduler = _build(case, mode, case.configs[key]())
     if not _takes_custom_timesteps(scheduler):
         pytest.skip("the reference solver takes no custom timesteps")
     with pytest.raises(ValueError, match="timesteps"):
         scheduler.set_timesteps(timesteps=timesteps)
 
 
+@MODES
 @pytest.mark.parametrize(("case", "key"), CONFIG_CASES, ids=CONFIG_IDS)
-def test_model_output_of_another_shape_is_refused(case, key):
-    scheduler = case.make(case.configs[key]())
+def test_model_output_of_another_shape_is_refused(mode, case, key):
+    scheduler = _build(case, mode, case.configs[key]())
     scheduler.set_timesteps(STEPS)
     x = _initial(scheduler)
     t = scheduler.timesteps[0]
@@ -445,9 +467,10 @@ def test_model_output_of_another_shape_is_refused(case, key):
         scheduler.step(_model(x[:1], t), t, x)
 
 
+@MODES
 @pytest.mark.parametrize(("case", "key"), CONFIG_CASES, ids=CONFIG_IDS)
-def test_first_step_off_the_grid_is_refused(case, key):
-    scheduler = case.make(case.configs[key]())
+def test_first_step_off_the_grid_is_refused(mode, case, key):
+    scheduler = _build(case, mode, case.configs[key]())
     scheduler.set_timesteps(STEPS)
     x = _initial(scheduler)
     off_grid = scheduler.timesteps[0] - 0.5 if scheduler.timesteps.is_floating_point() else scheduler.timesteps[0] - 1
@@ -455,10 +478,38 @@ def test_first_step_off_the_grid_is_refused(case, key):
         scheduler.step(_model(x, off_grid), off_grid, x)
 
 
+@MODES
 @pytest.mark.parametrize(("case", "key"), CONFIG_CASES, ids=CONFIG_IDS)
-def test_step_before_set_timesteps_is_refused(case, key):
-    scheduler = case.make(case.configs[key]())
+def test_step_before_set_timesteps_is_refused(mode, case, key):
+    scheduler = _build(case, mode, case.configs[key]())
     x = _initial(scheduler)
     # EDMEulerScheduler has a grid from construction; there the first step must still be one of its levels
     with pytest.raises((ValueError, RuntimeError, TypeError), match="set_timesteps|not in this scheduler"):
         scheduler.step(_model(x, 999), 999, x)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name.endswith("[ddim]")], ids=lambda c: c.name)
+def test_ddim_base_takes_non_default_arguments_positionally(case):
+    """``step(out, t, x, eta, use_clipped_model_output, generator)`` as ``DDIMScheduler.step`` takes them: values
+    that change the result (a stochastic eta, clipped-output noise), compared with the keyword call."""
+    config = DDIMScheduler(clip_sample=True, clip_sample_range=0.5).config
+    runs = []
+    for positional in (True, False):
+        scheduler = case.active(config)
+        scheduler.set_timesteps(STEPS)
+        x = _initial(scheduler)
+        for t in scheduler.timesteps[:4]:
+            out = _model(x, t)
+            generator = torch.Generator().manual_seed(int(t))
+            if positional:
+                x = scheduler.step(out, t, x, 0.5, True, generator).prev_sample
+            else:
+                x = scheduler.step(out, t, x, eta=0.5, use_clipped_model_output=True, generator=generator).prev_sample
+        runs.append(x)
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    deterministic = case.active(config)
+    deterministic.set_timesteps(STEPS)
+    x = _initial(deterministic)
+    for t in deterministic.timesteps[:4]:
+        x = deterministic.step(_model(x, t), t, x).prev_sample
+    assert (runs[0] - x).abs().max() > 1e-3  # the arguments really reached the solver
