@@ -44,6 +44,10 @@ class BenchModel:
         decode (`Callable`): final latents -> images in [0, 1], ``(N, C, H, W)``.
         call_kwargs (`Callable[[list[int]], dict]`, *optional*): per-seed model inputs (class labels, prompts).
         device (`str` or `torch.device`): where sampling runs.
+        labels (`Callable[[list[int]], list[int]]`, *optional*): class-conditional models: the class of each seed
+            (samplers built per class, e.g. teleported with the class's statistics, run each class's seeds).
+        score (`Callable[[torch.Tensor, list[int]], dict]`, *optional*): extra columns from the decoded images and
+            their seeds (e.g. the class accuracy of a class-conditional model).
     """
 
     name: str
@@ -53,6 +57,8 @@ class BenchModel:
     decode: Callable[[torch.Tensor], torch.Tensor]
     call_kwargs: Callable[[list[int]], dict] | None = None
     device: str | torch.device = "cpu"
+    labels: Callable[[list[int]], list[int]] | None = None
+    score: Callable[[torch.Tensor, list[int]], dict] | None = None
 
 
 def initial_noise(seeds: list[int], shape: tuple, device: Any = "cpu") -> torch.Tensor:
@@ -71,8 +77,25 @@ def sample_with(
     adaptive: dict | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Run ``scheduler`` for ``steps`` from the seeds' noise; returns final latents (CPU) and model calls per batch
-    (the mean over batches: with ``adaptive`` each batch may make a different number)."""
+    (the mean over batches: with ``adaptive`` each batch may make a different number). A
+    :class:`~diffsamplers.eval.samplers.PerClassSchedulers` runs the seeds of each class with its own scheduler."""
+    from .samplers import PerClassSchedulers
     from .testbed import run_scheduler
+
+    if isinstance(scheduler, PerClassSchedulers):
+        if model.labels is None:
+            raise ValueError(f"{model.name} is not class-conditional: a per-class sampler needs the seeds' classes")
+        labels = model.labels(seeds)
+        out = torch.empty((len(seeds),) + tuple(model.sample_shape))
+        group_calls = []
+        for label in sorted(set(labels)):
+            members = [i for i, c in enumerate(labels) if c == label]
+            latents, n = sample_with(model, scheduler.build(label), [seeds[i] for i in members], steps, batch_size,
+                                     adaptive)
+            out[torch.tensor(members)] = latents
+            group_calls.append(n)
+        mean = sum(group_calls) / len(group_calls)
+        return out, int(mean) if mean == int(mean) else round(mean, 2)
 
     outs, calls = [], []
     for i in range(0, len(seeds), batch_size):
@@ -157,6 +180,7 @@ def bench_model(
                 psnr_vs_gt=float(psnr(images, gt_images).mean()),
                 rmse_vs_gt=float(rmse(latents, gt).mean()),
                 seconds_per_image=seconds / num_samples,
+                **(model.score(images, seeds) if model.score else {}),
             )
         )
         grids.setdefault(name, []).append((report.budget_label(nfe, calls), images[:8]))
@@ -198,14 +222,66 @@ def digits_bench_model(device: Any = "cpu") -> tuple[BenchModel, Any]:
 
 
 class _ClassifierFeatures(torch.nn.Module):
-    """uint8 images (what ``extract_features`` hands over) -> the classifier's features, with its [-1, 1] input."""
+    """uint8 images (what ``extract_features`` hands over) -> the classifier's features, with its [-1, 1] input;
+    ``resize`` (e.g. the latent model's 16x16 -> 8x8 map) is applied first."""
 
-    def __init__(self, classifier: torch.nn.Module):
+    def __init__(self, classifier: torch.nn.Module, resize: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
-        self.classifier = classifier
+        self.classifier, self.resize = classifier, resize
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier(images.float() / 127.5 - 1)
+        x = images.float() / 127.5 - 1
+        return self.classifier(self.resize(x) if self.resize else x)
+
+
+def digits_latent_bench_model(device: Any = "cpu", guidance_scale: float | None = None) -> tuple[BenchModel, Any]:
+    """The bundled class-conditional latent digits model with classifier-free guidance, and the digit classifier's
+    features (on the decoded 16x16 images mapped back to 8x8). Seed ``s`` samples class ``s % 10``; the records get
+    a ``class_accuracy`` column (the classifier's agreement with the requested class)."""
+    from ..models.digits import load_digits_classifier
+    from ..models.digits_latent import (
+        DEFAULT_GUIDANCE_SCALE,
+        NULL_CLASS,
+        NUM_CLASSES,
+        decode_latents,
+        downsample_digits,
+        load_digits_latent_pipeline,
+    )
+
+    pipe = load_digits_latent_pipeline(device=device)
+    net, vae = pipe.transformer.eval(), pipe.vae.eval()
+    classifier = load_digits_classifier(device=device).eval()
+    scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
+
+    def labels(seeds: list[int]) -> list[int]:
+        return [int(s) % NUM_CLASSES for s in seeds]
+
+    def call_kwargs(seeds: list[int]) -> dict:
+        wanted = torch.tensor(labels(seeds), device=device)
+        # unconditional half first, as _GuidedDenoiser orders the batch; scale <= 1 runs the conditional model only
+        both = torch.cat([torch.full_like(wanted, NULL_CLASS), wanted])
+        return dict(class_labels=both if scale > 1 else wanted)
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        return ((decode_latents(vae, latents) + 1) / 2).clamp(0, 1)
+
+    def score(images: torch.Tensor, seeds: list[int]) -> dict:
+        with torch.no_grad():
+            pred = classifier.classify(downsample_digits(images.to(device) * 2 - 1)).argmax(-1).cpu()
+        return dict(class_accuracy=float((pred == torch.tensor(labels(seeds))).float().mean()))
+
+    model = BenchModel(
+        name="diffsamplers/digits-latent",
+        denoiser=_GuidedDenoiser(net, scale if scale > 1 else None),
+        sample_shape=(net.config.in_channels, net.config.sample_size, net.config.sample_size),
+        scheduler_config=dict(pipe.scheduler.config),
+        decode=decode,
+        call_kwargs=call_kwargs,
+        device=device,
+        labels=labels,
+        score=score,
+    )
+    return model, _ClassifierFeatures(classifier, downsample_digits)
 
 
 def pipeline_bench_model(model_id: str, prompts: list[str] | None, device: Any, dtype: torch.dtype,
@@ -263,13 +339,19 @@ class _GuidedDenoiser(torch.nn.Module):
         super().__init__()
         self.net, self.guidance_scale = net, guidance_scale
 
-    def forward(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor | None = None):
+    def forward(self, sample: torch.Tensor, timestep: Any, **condition: Any):
         if self.guidance_scale is None:
-            return _Output(self.net(sample.to(self.net.dtype), timestep).sample.to(sample.dtype))
-        x = torch.cat([sample, sample]).to(self.net.dtype)
-        out = self.net(x, timestep, encoder_hidden_states=encoder_hidden_states).sample.to(sample.dtype)
-        uncond, cond = out.chunk(2)
+            return _Output(self._eps(sample, timestep, **condition))
+        uncond, cond = self._eps(torch.cat([sample, sample]), timestep, **condition).chunk(2)
         return _Output(uncond + self.guidance_scale * (cond - uncond))
+
+    def _eps(self, x: torch.Tensor, timestep: Any, **condition: Any) -> torch.Tensor:
+        # transformers (DiT) embed a timestep per sample; UNets broadcast a scalar one
+        t = torch.as_tensor(timestep, device=x.device)
+        t = t.reshape(1).expand(x.shape[0]) if t.ndim == 0 else t
+        out = self.net(x.to(self.net.dtype), t, **condition).sample.to(x.dtype)
+        # DiT-style models with a learned variance return (eps, variance) along the channels
+        return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
 
 
 @dataclass

@@ -21,7 +21,9 @@ NUM_SAMPLES = 256
 TESTBED_NUM_SAMPLES = 64
 GT_STEPS = 200
 GUIDANCE_SCALE = 7.5
-BUILTIN_MODELS = ("digits", "testbed")
+# diffsamplers.models.digits_latent.DEFAULT_GUIDANCE_SCALE (not imported: that module imports torch)
+LATENT_GUIDANCE_SCALE = 3.0
+BUILTIN_MODELS = ("digits", "digits-latent", "testbed")
 
 DESCRIPTION = (
     "diffsamplers: few-step diffusion samplers for Hugging Face diffusers, and a bench that compares them with "
@@ -35,6 +37,7 @@ BENCH_DESCRIPTION = (
 BENCH_EPILOG = """examples:
   diffsamplers bench                                   the bundled digits DDPM, every default sampler
   diffsamplers bench --list                            the samplers, one line each
+  diffsamplers bench --model digits-latent             the bundled class-conditional latent model, with CFG
   diffsamplers bench --model testbed --nfe 5,10,20     RMSE vs the exact solution of a Gaussian mixture
   diffsamplers bench --model PATH_OR_REPO --prompts prompts.txt --device cuda"""
 
@@ -124,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # options that only some models use default to None, so that giving one to a model that ignores it is refused
     bench.add_argument("--model", default="digits",
-                       help="'digits' (the bundled DDPM), 'testbed' (the exact Gaussian mixture), or a diffusers "
+                       help="'digits' (the bundled DDPM), 'digits-latent' (the bundled class-conditional latent "
+                       "DiT, seed s samples class s %% 10), 'testbed' (the exact Gaussian mixture), or a diffusers "
                        "pipeline folder or Hub repo id (default: digits)")
     bench.add_argument("--samplers", type=_name_list, metavar="A,B,...",
                        help="comma-separated sampler names (default: every sampler not marked 'on request' in "
@@ -141,9 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompts", metavar="FILE",
                        help="text file, one prompt per line: text-to-image pipelines only (default: unconditional)")
     bench.add_argument("--guidance-scale", type=_guidance, metavar="W",
-                       help=f"classifier-free guidance scale, with --prompts (default: {GUIDANCE_SCALE})")
+                       help=f"classifier-free guidance scale, with --prompts (default: {GUIDANCE_SCALE}) or "
+                       f"--model digits-latent (default: {LATENT_GUIDANCE_SCALE})")
     bench.add_argument("--features", choices=["inception", "digits"],
-                       help="FID feature network (default: the digit classifier on the digits model, Inception on "
+                       help="FID feature network (default: the digit classifier on the digits models, Inception on "
                        "pipelines; not on the testbed)")
     bench.add_argument("--inception", metavar="FILE",
                        help="a TorchScript Inception network, for Inception features (default: clean-fid's cache, "
@@ -171,7 +176,7 @@ def _check_bench_args(args: argparse.Namespace) -> None:
     ignored = []
     if builtin and args.prompts is not None:
         ignored.append("--prompts")
-    if args.guidance_scale is not None and args.prompts is None:
+    if args.guidance_scale is not None and args.prompts is None and model != "digits-latent":
         ignored.append("--guidance-scale")
     if model == "testbed":
         ignored += [opt for opt, value in (("--features", args.features), ("--inception", args.inception),
@@ -180,14 +185,16 @@ def _check_bench_args(args: argparse.Namespace) -> None:
         if args.device not in (None, "cpu"):
             ignored.append("--device")
     else:
-        if model == "digits" and args.features is None and args.inception is not None:
+        if model in ("digits", "digits-latent") and args.features is None and args.inception is not None:
             ignored.append("--inception")
         if args.features == "digits" and not builtin:
             raise UsageError("--features digits applies to the bundled digits model only (pipelines use Inception)")
         if args.features == "digits" and args.inception is not None:
             ignored.append("--inception")
     if ignored:
-        why = {"--prompts": f"--model {model} is unconditional", "--guidance-scale": "it needs --prompts",
+        latent = model == "digits-latent"
+        conditioning = "is class-conditional (classes from the seeds)" if latent else "is unconditional"
+        why = {"--prompts": f"--model {model} {conditioning}", "--guidance-scale": "it needs --prompts",
                "--device": "the testbed runs on the CPU in float64"}
         reasons = "; ".join(f"{opt}: {why.get(opt, f'--model {model} does not use it')}" for opt in ignored)
         raise UsageError(f"refusing an option that would be ignored ({reasons})")
@@ -266,10 +273,14 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
         _check_bench_args(args)
     prompts = _read_prompts(args.prompts) if args.prompts is not None else None
 
-    from .samplers import digits_stats, sampler_registry
+    from .samplers import digits_latent_stats, digits_stats, sampler_registry
 
-    # the testbed and the bundled model share their data (scikit-learn's digits): teleportation has its statistics
-    registry = sampler_registry(digits_stats() if args.model in BUILTIN_MODELS else None)
+    # the testbed and the bundled models share their data (scikit-learn's digits): teleportation has its statistics
+    # (for the latent model in its VAE's latent space, and per class)
+    if args.model == "digits-latent":
+        registry = sampler_registry(*digits_latent_stats())
+    else:
+        registry = sampler_registry(digits_stats() if args.model in BUILTIN_MODELS else None)
     if args.list:
         width = max(map(len, registry))
         for name, spec in registry.items():
@@ -292,11 +303,15 @@ def _bench_model(args: argparse.Namespace, selected: dict, device: str, prompts:
     import torch
 
     from . import report
-    from .bench import bench_model, digits_bench_model
+    from .bench import bench_model, digits_bench_model, digits_latent_bench_model
 
     start = time.perf_counter()
-    if args.model == "digits":
-        model, feature_net = digits_bench_model(device)
+    if args.model in ("digits", "digits-latent"):
+        if args.model == "digits":
+            model, feature_net = digits_bench_model(device)
+        else:
+            guidance = LATENT_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale
+            model, feature_net = digits_latent_bench_model(device, guidance)
         if args.features == "inception":
             feature_net = _inception(args, device)
     else:
@@ -312,8 +327,11 @@ def _bench_model(args: argparse.Namespace, selected: dict, device: str, prompts:
     except (ValueError, OSError) as err:  # a refused ground-truth cache, a full disk: their messages name the file
         raise CommandError(str(err)) from err
     print(f"{model.name}: {num_samples} samples, ground truth = DPM-Solver++(2M) {gt_steps} steps")
-    print(report.format_table(records, ["sampler", "budget", "nfe", "fid_vs_gt", "psnr_vs_gt", "rmse_vs_gt",
-                                        "seconds_per_image"]))
+    if args.model == "digits-latent":
+        print(f"classifier-free guidance scale {guidance}; seed s samples class s % 10")
+    columns = ["sampler", "budget", "nfe", "fid_vs_gt", "psnr_vs_gt", "rmse_vs_gt", "seconds_per_image"]
+    extra = [k for k in (records[0] if records else {}) if k not in columns and k != "steps"]
+    print(report.format_table(records, columns + extra))
     print(f"\nwrote {args.out}/results.json, fid_vs_nfe.png and grid_*.png in {time.perf_counter() - start:.1f} s")
     return records
 

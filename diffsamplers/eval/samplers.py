@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from .. import BDIAScheduler, DualFastScheduler, GaussianStats, LMLScheduler, TeleportScheduler
 from .testbed import SamplerSpec, diffusers_baselines
@@ -20,9 +21,19 @@ def _teleport_steps(nfe: int, skip_fraction: float = TELEPORT_SKIP) -> int:
     return nfe
 
 
-def sampler_registry(stats: GaussianStats | None = None) -> dict[str, SamplerSpec]:
+@dataclass
+class PerClassSchedulers:
+    """What a per-class :class:`SamplerSpec` builds: ``build(label)`` makes the scheduler for one class's seeds
+    (the bench groups the seeds of a class-conditional model by class)."""
+
+    build: Callable[[int], Any]
+
+
+def sampler_registry(stats: GaussianStats | None = None, class_stats: Any = None) -> dict[str, SamplerSpec]:
     """Name -> :class:`SamplerSpec`, baselines first. With data ``stats`` (Gaussian statistics of the model's
-    training data, in its latent space) the teleported variants of DPM-Solver++(2M) and UniPC are included."""
+    training data, in its latent space) the teleported variants of DPM-Solver++(2M) and UniPC are included; with
+    ``class_stats`` (a :class:`~diffsamplers.pipelines.class_stats.ClassConditionalStats`) also their variants that
+    teleport each class-conditional sample with the statistics of its class."""
     registry = dict(diffusers_baselines())
     registry["bdia"] = SamplerSpec("bdia", lambda c: BDIAScheduler.from_config(c, gamma=0.5),
                                    description="BDIA-DDIM, gamma = 0.5 (few-step setting)")
@@ -54,11 +65,35 @@ def sampler_registry(stats: GaussianStats | None = None) -> dict[str, SamplerSpe
                 f"{base}+teleport", _teleported(registry[base].build, stats), _teleport_steps,
                 description=f"{base} after a Gaussian teleport over {TELEPORT_SKIP:.0%} of a finer grid",
             )
+    if class_stats is not None:
+        for base in ("dpmpp2m", "unipc"):
+            registry[f"{base}+teleport-class"] = SamplerSpec(
+                f"{base}+teleport-class", _teleported_per_class(registry[base].build, class_stats), _teleport_steps,
+                description=f"{base} after a teleport with the statistics of each sample's class",
+            )
     return registry
 
 
 def _teleported(build: Any, stats: GaussianStats):
     return lambda config: TeleportScheduler(build(config), stats, skip_fraction=TELEPORT_SKIP)
+
+
+def _teleported_per_class(build: Any, class_stats: Any):
+    return lambda config: PerClassSchedulers(
+        lambda label: TeleportScheduler(build(config), class_stats[label], skip_fraction=TELEPORT_SKIP)
+    )
+
+
+def digits_latent_stats(device: Any = "cpu") -> tuple[GaussianStats, Any]:
+    """Gaussian statistics of the bundled latent model's training latents (posterior samples of the train split
+    through its VAE, scaled as the denoiser sees them): of all classes, and one per class."""
+    from ..models.digits_latent import latent_training_set, load_digits_latent_pipeline
+    from ..pipelines.class_stats import ClassConditionalStats
+
+    vae = load_digits_latent_pipeline(device=device).vae
+    latents, labels = latent_training_set(vae)
+    info = dict(space="latent", scaling_factor=float(vae.config.scaling_factor))
+    return GaussianStats.from_samples(latents, **info), ClassConditionalStats.from_samples(latents, labels, **info)
 
 
 def digits_stats() -> GaussianStats:
