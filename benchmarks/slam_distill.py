@@ -18,8 +18,8 @@ import torch
 
 from diffsamplers.eval.bench import _bench_config, _features, digits_bench_model, ground_truth, sample_with
 from diffsamplers.eval.fid import fid_from_stats
+from diffsamplers.eval.samplers import digits_distilled_specs
 from diffsamplers.eval.testbed import diffusers_baselines
-from diffsamplers.train.slam import digits_distilled_specs
 
 
 def main() -> None:

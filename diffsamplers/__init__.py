@@ -27,6 +27,8 @@ _EXPORTS: dict[str, str] = {
     "BDIAScheduler": "samplers",
     "DualFastScheduler": "samplers",
     "LMLScheduler": "samplers",
+    "OLSSScheduler": "samplers",
+    "SLAMScheduler": "samplers",
     "TeleportScheduler": "samplers",
     "NoiseSchedule": "schedule",
     "convert_model_output": "schedule",

@@ -206,3 +206,42 @@ def test_equal_series_are_named_in_the_legend():
     fig = metric_vs_nfe_figure(records, "fid_vs_gt")
     labels = [line.get_label() for line in fig.axes[0].get_lines()]
     assert labels == ["ddim", "euler (= ddim)", "dpmpp2m"]
+
+
+def test_fitted_entries_are_fitted_on_other_seeds_and_report_the_fit_cost():
+    """A spec with ``fit`` is built by fitting (given the bench seeds to stay clear of), and its fit cost is a
+    column; an unfitted OLSS is DDIM (its alphas in float64, DDIMScheduler's in float32), so it gives DDIM's error."""
+    from diffsamplers.eval.samplers import sampler_registry
+    from diffsamplers.eval.testbed import SamplerSpec, exact_testbed_errors
+    from diffsamplers.samplers.olss import OLSSScheduler
+
+    calls = []
+
+    def fit(model, nfe, seeds):
+        calls.append((model.name, nfe, list(seeds)))
+        return OLSSScheduler.from_config(model.scheduler_config, fit_info=dict(fit_seconds=1.5))
+
+    specs = {"ddim": sampler_registry()["ddim"], "fitted": SamplerSpec("fitted", build=None, fit=fit)}
+    records = exact_testbed_errors(specs, [4, 6], num_samples=4, seed=3)
+    by = {(r["sampler"], r["budget"]): r for r in records}
+    assert calls == [("testbed", 4, [3, 4, 5, 6]), ("testbed", 6, [3, 4, 5, 6])]
+    for nfe in (4, 6):
+        assert by[("fitted", nfe)]["fit_seconds"] == 1.5 and "fit_seconds" not in by[("ddim", nfe)]
+        assert by[("fitted", nfe)]["rmse_vs_gt"] == pytest.approx(by[("ddim", nfe)]["rmse_vs_gt"], rel=1e-5)
+
+
+def test_distilled_students_run_their_own_network(tmp_path):
+    """`slam`/`lcd` entries sample with the student, not the teacher; fresh re-noising is seeded, so a second run
+    gives the same figures."""
+    out = tmp_path / "students"
+    argv = ["bench", "--samplers", "dpmpp2m,slam,lcd-det", "--nfe", "2", "--num-samples", "8", "--gt-steps", "10",
+            "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0
+    first = {r["sampler"]: r for r in json.loads((out / "results.json").read_text())}
+    assert main(argv + ["--overwrite"]) == 0
+    second = {r["sampler"]: r for r in json.loads((out / "results.json").read_text())}
+    for name in ("slam", "lcd-det"):
+        assert first[name]["nfe"] == 2 and first[name]["rmse_vs_gt"] == second[name]["rmse_vs_gt"]
+        # a student's 2-step sample is not the teacher's 2-step DPM-Solver++ sample
+        assert first[name]["rmse_vs_gt"] != first["dpmpp2m"]["rmse_vs_gt"]
+    assert first["lcd-det"]["rmse_vs_gt"] < first["dpmpp2m"]["rmse_vs_gt"]

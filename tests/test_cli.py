@@ -157,11 +157,12 @@ def test_a_refused_ground_truth_cache_is_one_line_and_exit_1(tmp_path, capsys, m
 
 
 def test_list_gives_one_line_per_sampler(capsys):
-    from diffsamplers.eval.samplers import digits_stats, sampler_registry
+    from diffsamplers.eval.samplers import bench_registry
 
     assert main(["bench", "--list"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    registry = sampler_registry(digits_stats())
+    registry = bench_registry("digits")
+    assert {"dpmpp2m", "bdia", "dpmpp2m+teleport", "slam", "lcd-det"} <= set(registry)
     assert [line.split()[0] for line in lines] == list(registry)
     for line, spec in zip(lines, registry.values()):
         name, description = line.split(None, 1)
@@ -193,3 +194,24 @@ def test_cli_defaults_are_the_bench_defaults():
     from diffsamplers.eval import bench
 
     assert cli.GT_STEPS == bench.GT_STEPS
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--teacher", "{tmp}", "--data", "digits"], "--teacher"),
+        (["--teacher", "digits", "--data", "{tmp}/none.safetensors"], "--data"),
+        (["--teacher", "digits", "--data", "digits", "--batch-size", "0"], "--batch-size"),
+        (["--teacher", "digits", "--data", "digits", "--loss-type", "l1"], "argument --loss-type"),
+    ],
+)
+def test_distill_mistakes_get_one_line(args, message, tmp_path, capsys):
+    """`diffsamplers distill` is a sub-command of the same console script, with the same one-line errors."""
+    argv = ["distill", *[a.replace("{tmp}", str(tmp_path)) for a in args], "--out", str(tmp_path / "student")]
+    assert main(argv) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_distill_is_listed_in_the_help(capsys):
+    assert main(["--help"]) == 0
+    assert "distill" in capsys.readouterr().out

@@ -24,6 +24,7 @@ from diffusers import (
     EDMEulerScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    LCMScheduler,
     UniPCMultistepScheduler,
 )
 
@@ -34,6 +35,8 @@ from diffsamplers import (
     DualFastScheduler,
     GaussianStats,
     LMLScheduler,
+    OLSSScheduler,
+    SLAMScheduler,
     TeleportScheduler,
 )
 from diffsamplers.schedule import config_family
@@ -117,6 +120,12 @@ CASES = [
          lambda c: TeleportScheduler(DDIMScheduler.from_config(c), _teleport_stats(), skip_steps=0),
          DDIMScheduler.from_config, VP_CONFIGS, saves=False,
          active=lambda c: TeleportScheduler(DDIMScheduler.from_config(c), _teleport_stats(), skip_steps=2)),
+    # unfitted OLSS is DDIM, expanded through its linear recursion (fitted ones run only at their own step count)
+    Case("OLSSScheduler", OLSSScheduler.from_config,
+         _family_reference(DDIMScheduler, FlowMatchEulerDiscreteScheduler, {"clip_sample": False}),
+         {**VP_CONFIGS, **FLOW_CONFIGS}, signature=DDIMScheduler),
+    Case("SLAMScheduler", lambda c: SLAMScheduler.from_config(c, renoise="deterministic"),
+         lambda c: SLAMScheduler.from_config(c, renoise="tcd", tcd_eta=0.0), VP_CONFIGS, signature=LCMScheduler),
 ]
 
 CONFIG_CASES = [(case, key) for case in CASES for key in case.configs]

@@ -17,11 +17,11 @@ from diffusers import (
     UNet2DModel,
 )
 
+from diffsamplers.eval.samplers import digits_distilled_specs
 from diffsamplers.samplers.slam import SLAMScheduler
 from diffsamplers.train.slam import (
     SLAMConfig,
     SLAMDistiller,
-    digits_distilled_specs,
     distillation_loss,
     list_checkpoints,
     load_lora_student,

@@ -16,6 +16,7 @@ is off, so differences come from the solvers alone.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from . import report
 from .fid import fid_from_stats
 from .ground_truth import generate_ground_truth, load_ground_truth
 from .metrics import psnr, rmse
-from .testbed import SamplerSpec
+from .testbed import SamplerSpec, fit_seconds
 
 GT_STEPS = 200
 
@@ -163,10 +164,15 @@ def bench_model(
     records, grids = [], {}
     partial = os.path.join(out_dir, "results.partial.json")
     for name, spec, nfe in items:
-        scheduler = spec.build(config)
+        run_model = model
+        if spec.denoiser is not None:
+            run_model = dataclasses.replace(model, denoiser=spec.denoiser(model.device))
+        scheduler = spec.fit(model, nfe, seeds) if spec.fit is not None else spec.build(config)
         steps = spec.steps_for_nfe(nfe)
+        # stochastic samplers (fresh re-noising) draw from the global generator: the same draws on every run
+        torch.manual_seed(seed)
         start = time.perf_counter()
-        latents, calls = sample_with(model, scheduler, seeds, steps, adaptive=spec.adaptive)
+        latents, calls = sample_with(run_model, scheduler, seeds, steps, adaptive=spec.adaptive)
         seconds = time.perf_counter() - start
         images = model.decode(latents)
         stats = _features(images, feature_net, model.device)
@@ -181,6 +187,7 @@ def bench_model(
                 rmse_vs_gt=float(rmse(latents, gt).mean()),
                 seconds_per_image=seconds / num_samples,
                 **(model.score(images, seeds) if model.score else {}),
+                **({"fit_seconds": fit_seconds(scheduler)} if spec.fit is not None else {}),
             )
         )
         grids.setdefault(name, []).append((report.budget_label(nfe, calls), images[:8]))

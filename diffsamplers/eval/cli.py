@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="output folder: results.json, plots, the ground-truth cache (default: bench-out)")
     bench.add_argument("--overwrite", action="store_true",
                        help="replace the results of an earlier run in --out (its ground-truth cache is reused)")
+    from ..train.distill_cli import add_distill_parser  # argparse only: --help stays fast
+
+    add_distill_parser(sub)
     return parser
 
 
@@ -273,14 +276,9 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
         _check_bench_args(args)
     prompts = _read_prompts(args.prompts) if args.prompts is not None else None
 
-    from .samplers import digits_latent_stats, digits_stats, sampler_registry
+    from .samplers import bench_registry
 
-    # the testbed and the bundled models share their data (scikit-learn's digits): teleportation has its statistics
-    # (for the latent model in its VAE's latent space, and per class)
-    if args.model == "digits-latent":
-        registry = sampler_registry(*digits_latent_stats())
-    else:
-        registry = sampler_registry(digits_stats() if args.model in BUILTIN_MODELS else None)
+    registry = bench_registry(args.model)
     if args.list:
         width = max(map(len, registry))
         for name, spec in registry.items():
@@ -402,8 +400,10 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "bench":
             run_bench(args)
-        return 0
-    except UsageError as err:
+            return 0
+        return args.func(args)
+    except (UsageError, ValueError, FileNotFoundError) as err:
+        # ValueError: input refused where it is read (a folder without a model, a data file without latents)
         _say(err)
         return 2
     except CommandError as err:

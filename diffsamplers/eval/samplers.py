@@ -74,6 +74,63 @@ def sampler_registry(stats: GaussianStats | None = None, class_stats: Any = None
     return registry
 
 
+def bench_registry(model: str) -> dict[str, SamplerSpec]:
+    """The samplers ``diffsamplers bench --model <model>`` offers. The testbed and the bundled models share their
+    data (scikit-learn's digits), so teleportation has its statistics (for the latent model in its VAE's latent space,
+    and per class); the bundled digits DDPM also has its distilled students."""
+    if model == "digits-latent":
+        return sampler_registry(*digits_latent_stats())
+    registry = sampler_registry(digits_stats() if model in ("digits", "testbed") else None)
+    if model == "digits":
+        registry.update(digits_distilled_specs())
+    return registry
+
+
+def digits_distilled_specs(slam_path: str | None = None, lcd_path: str | None = None) -> dict[str, SamplerSpec]:
+    """Bench entries for the bundled digits students: ``slam`` and ``lcd`` (one model call per step, so budget = steps;
+    ``slam-1``, ``slam-2``, ``slam-4`` of the issue are budgets 1, 2 and 4) with LCM's fresh re-noising, and
+    ``slam-det`` / ``lcd-det`` with deterministic re-noising (the output a function of the seed's noise alone)."""
+    from ..train.slam import bundled_student_path
+
+    paths = {"slam": slam_path or bundled_student_path("slam"), "lcd": lcd_path or bundled_student_path("lcd")}
+    specs = {}
+    for method, path in paths.items():
+        for suffix, renoise in (("", "fresh"), ("-det", "deterministic")):
+            specs[method + suffix] = SamplerSpec(
+                method + suffix,
+                _student_scheduler_builder(path, renoise),
+                default=False,
+                description=f"{method.upper()} student of the digits DDPM ({renoise} re-noising, 1-4 steps)",
+                denoiser=_student_loader(path),
+            )
+    return specs
+
+
+def _student_scheduler_builder(path: str, renoise: str):
+    from ..samplers.slam import SLAMScheduler
+
+    def build(bench_config: dict) -> SLAMScheduler:
+        config = SLAMScheduler.load_config(path, subfolder="scheduler")
+        # the bench switches x0 clipping off for every sampler; the LCM grid ignores timestep_spacing
+        return SLAMScheduler.from_config(config, renoise=renoise, clip_sample=bench_config.get("clip_sample", False))
+
+    return build
+
+
+def _student_loader(path: str):
+    cache: dict = {}
+
+    def load(device: Any = "cpu") -> Any:
+        from ..train.slam import load_student
+
+        key = str(device)
+        if key not in cache:
+            cache[key] = load_student(path, device)[0]
+        return cache[key]
+
+    return load
+
+
 def _teleported(build: Any, stats: GaussianStats):
     return lambda config: TeleportScheduler(build(config), stats, skip_fraction=TELEPORT_SKIP)
 

@@ -40,6 +40,12 @@ class SamplerSpec:
         adaptive (`dict`, *optional*): run with :func:`~diffsamplers.enable_adaptive_diffusion` and these arguments;
             the model calls it actually makes are reported as the NFE (next to the budget asked for).
         description (`str`): one line for ``diffsamplers bench --list``.
+        fit (`Callable[[model, int, list[int]], scheduler]`, *optional*): fitted samplers: ``fit(model, nfe, seeds)``
+            returns a scheduler fitted to the bench model for that budget on seeds disjoint from the bench's
+            ``seeds`` (used instead of ``build``; the cost of the fit, ``fit_info["fit_seconds"]`` of its config,
+            is reported as ``fit_seconds``).
+        denoiser (`Callable[[device], torch.nn.Module]`, *optional*): distilled samplers: the network to run instead
+            of the bench model's (a distilled student is another model as well as another scheduler).
     """
 
     name: str
@@ -48,6 +54,15 @@ class SamplerSpec:
     default: bool = True
     adaptive: dict | None = None
     description: str = ""
+    fit: Callable[[Any, int, list[int]], Any] | None = None
+    denoiser: Callable[[Any], Any] | None = None
+
+
+def fit_seconds(scheduler: Any) -> float | None:
+    """What fitting ``scheduler`` cost, from the provenance a fitted scheduler records (``None`` if it has none)."""
+    info = getattr(scheduler, "config", {}).get("fit_info") or {}
+    seconds = info.get("fit_seconds")
+    return None if seconds is None else float(seconds)
 
 
 def diffusers_baselines() -> dict[str, SamplerSpec]:
@@ -149,8 +164,14 @@ def exact_testbed_errors(
         from tqdm.auto import tqdm
 
         items = tqdm(items, desc="testbed bench")
+    bench_seeds = list(range(seed, seed + num_samples))
     for name, spec, nfe in items:
-        scheduler = spec.build(config)
+        if spec.denoiser is not None:
+            raise ValueError(f"{name} runs its own network: it has no place on the exact testbed")
+        if spec.fit is not None:
+            scheduler = spec.fit(testbed_bench_model(model, config), nfe, bench_seeds)
+        else:
+            scheduler = spec.build(config)
         steps = spec.steps_for_nfe(nfe)
         start = time.perf_counter()
         sample, calls = run_scheduler(scheduler, model, x_T, steps, adaptive=spec.adaptive)
@@ -159,11 +180,21 @@ def exact_testbed_errors(
         if t0 not in references:
             references[t0] = exact_solution(model, x_T, t0)
         rmse = float((sample.double() - references[t0]).pow(2).mean().sqrt())
-        records.append(
-            dict(sampler=name, budget=nfe, nfe=calls, steps=steps, rmse_vs_gt=rmse,
-                 seconds_per_image=seconds / num_samples)
-        )
+        record = dict(sampler=name, budget=nfe, nfe=calls, steps=steps, rmse_vs_gt=rmse,
+                      seconds_per_image=seconds / num_samples)
+        if spec.fit is not None:
+            record["fit_seconds"] = fit_seconds(scheduler)
+        records.append(record)
     return records
+
+
+def testbed_bench_model(model: GaussianMixtureModel, config: dict) -> Any:
+    """The testbed as a :class:`~diffsamplers.eval.bench.BenchModel`, for samplers fitted to it (``decode`` is the
+    identity: its samples are already in data space)."""
+    from .bench import BenchModel
+
+    return BenchModel(name="testbed", denoiser=model, sample_shape=tuple(model.shape), scheduler_config=dict(config),
+                      decode=lambda x: x)
 
 
 def loglog_slope(records: list[dict], sampler: str) -> float:

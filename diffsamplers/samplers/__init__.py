@@ -6,6 +6,8 @@ from .bdia_edm import BDIAEDMPredictorOutput, BDIAEDMScheduler
 from .dualfast import DualFastScheduler
 from .gaussian_teleport import GaussianStatsLike, frame_coeffs, latent_frame, teleport
 from .lml import LMLScheduler, lm_correct
+from .olss import OLSSScheduler
+from .slam import SLAMScheduler
 from .teleport_scheduler import TeleportScheduler
 
 __all__ = [
@@ -18,6 +20,8 @@ __all__ = [
     "DualFastScheduler",
     "GaussianStatsLike",
     "LMLScheduler",
+    "OLSSScheduler",
+    "SLAMScheduler",
     "TeleportScheduler",
     "frame_coeffs",
     "latent_frame",

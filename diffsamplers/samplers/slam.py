@@ -49,8 +49,9 @@ class SLAMScheduler(LCMScheduler):
     Every ``LCMScheduler`` argument keeps its name and default; the additions are:
 
     Args:
-        sigma_data (`float`, defaults to 0.5): data scale of the boundary scalings ``c_skip = sd^2 / ((s t)^2 + sd^2)``,
-            ``c_out = s t / sqrt((s t)^2 + sd^2)`` with ``s = timestep_scaling`` (LCM's hard-coded 0.5).
+        sigma_data (`float`, defaults to 0.5): data scale of the boundary scalings
+            ``c_skip = sd^2 / ((s t)^2 + sd^2)``, ``c_out = s t / sqrt((s t)^2 + sd^2)`` with
+            ``s = timestep_scaling`` (LCM's hard-coded 0.5).
         renoise (`str`, defaults to `"fresh"`): ``"fresh"`` (official, = ``LCMScheduler``), ``"deterministic"`` or
             ``"tcd"``; see the module docstring.
         tcd_eta (`float`, defaults to 0.3): the TCD stochasticity in [0, 1] (TCD's "gamma"; unrelated to SLAM's
@@ -98,11 +99,13 @@ class SLAMScheduler(LCMScheduler):
             raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}")
         if not (isinstance(original_inference_steps, int) and 1 <= original_inference_steps <= num_train_timesteps):
             raise ValueError(
-                f"original_inference_steps must be an int in [1, num_train_timesteps], got {original_inference_steps!r}"
+                "original_inference_steps must be an int in [1, num_train_timesteps], "
+                f"got {original_inference_steps!r}"
             )
         super().__init__(
             num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-            beta_schedule=beta_schedule, trained_betas=trained_betas, original_inference_steps=original_inference_steps,
+            beta_schedule=beta_schedule, trained_betas=trained_betas,
+            original_inference_steps=original_inference_steps,
             clip_sample=clip_sample, clip_sample_range=clip_sample_range, set_alpha_to_one=set_alpha_to_one,
             steps_offset=steps_offset, prediction_type=prediction_type, thresholding=thresholding,
             dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
@@ -263,7 +266,10 @@ class SLAMScheduler(LCMScheduler):
             ac_prev = self.alphas_cumprod[prev_t].to(sample.device, sample.dtype)
             # the noise the jump implies: x_t = alpha_t denoised + sigma_t eps
             eps = (sample - ac_t.sqrt() * denoised) / (1 - ac_t).sqrt()
-            s = prev_t if self.config.renoise == "deterministic" else int(math.floor((1 - self.config.tcd_eta) * prev_t))
+            if self.config.renoise == "deterministic":
+                s = prev_t
+            else:
+                s = int(math.floor((1 - self.config.tcd_eta) * prev_t))
             ac_s = self.alphas_cumprod[s].to(sample.device, sample.dtype)
             prev_sample = ac_s.sqrt() * denoised + (1 - ac_s).sqrt() * eps
             if s != prev_t:

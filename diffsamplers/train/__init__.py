@@ -8,7 +8,16 @@ from __future__ import annotations
 from .._lazy import lazy_exports
 
 # public name -> submodule that defines it
-_EXPORTS: dict[str, str] = {}
+_EXPORTS: dict[str, str] = {
+    "FitModel": "bank",
+    "TrajectoryBank": "bank",
+    "build_bank": "bank",
+    "fit_olss": "olss",
+    "SLAMConfig": "slam",
+    "SLAMDistiller": "slam",
+    "load_lora_student": "slam",
+    "load_student": "slam",
+}
 
 __all__ = sorted(_EXPORTS)
 

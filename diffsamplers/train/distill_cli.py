@@ -7,9 +7,9 @@ The bundled student ``diffsamplers/models/bundled/digits-slam`` was made with::
 
 (``--gamma-sampling fixed:1.0 --out digits-lcd`` for the LCD baseline). ``--teacher`` is a pipeline folder (or Hub
 repo id) with ``unet/`` (or ``transformer/``) and ``scheduler/``, or ``digits`` for the bundled digits DDPM;
-``--data`` is ``digits`` (scikit-learn's digits in [-1, 1]) or a safetensors file with a ``latents`` tensor (N, C, H, W)
-and optionally ``conditions`` (N, ...) and ``unconditional`` (1, ...) for classifier-free guidance, so no VAE or text
-encoder is needed at training time.
+``--data`` is ``digits`` (scikit-learn's digits in [-1, 1]) or a safetensors file with a ``latents`` tensor
+(N, C, H, W) and optionally ``conditions`` (N, ...) and ``unconditional`` (1, ...) for classifier-free guidance,
+so no VAE or text encoder is needed at training time.
 """
 
 from __future__ import annotations
@@ -115,8 +115,9 @@ def run_distill(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    teacher, sched_config = _load_teacher(args.teacher)
+    # the data first: its mistakes are found without loading a network
     loader, uncond = _load_data(args.data, args.batch_size, args.seed)
+    teacher, sched_config = _load_teacher(args.teacher)
     config = SLAMConfig(
         num_ddim_timesteps=args.num_ddim_timesteps, gamma_sampling=args.gamma_sampling, sigma_rule=args.sigma_rule,
         gamma_cond=args.gamma_cond, guidance_w=args.guidance_w if uncond is not None else None,

@@ -74,8 +74,8 @@ class SLAMConfig:
     Args:
         num_ddim_timesteps (`int`, defaults to 50): teacher solver grid N (skipping interval k = T / N); also the
             student's ``original_inference_steps``.
-        gamma_sampling (`str`, defaults to `"uniform"`): ``"uniform"`` (gamma ~ U[0, 1)), ``"fixed:G"`` (``"fixed:1.0"``
-            is LCD, the LCM objective) or ``"beta:A,B"``.
+        gamma_sampling (`str`, defaults to `"uniform"`): ``"uniform"`` (gamma ~ U[0, 1)), ``"fixed:G"``
+            (``"fixed:1.0"`` is LCD, the LCM objective) or ``"beta:A,B"``.
         sigma_rule (`str`, defaults to `"variance"`): noise level along the sub-path, ``"variance"`` or ``"linear"``.
         gamma_cond (`str`, defaults to `"auto"`): ``"time_cond_proj"``, ``"effective_timestep"``, or ``"auto"``
             (``time_cond_proj`` for networks whose forward takes ``timestep_cond``, else ``effective_timestep``).
@@ -187,7 +187,9 @@ def parse_gamma_sampling(spec: str) -> tuple[str, tuple[float, ...]]:
         return kind, values
     if kind == "beta" and values is not None and len(values) == 2 and min(values) > 0:
         return kind, values
-    raise ValueError(f"gamma_sampling must be 'uniform', 'fixed:G' (0 <= G <= 1) or 'beta:A,B' (A, B > 0), got {spec!r}")
+    raise ValueError(
+        f"gamma_sampling must be 'uniform', 'fixed:G' (0 <= G <= 1) or 'beta:A,B' (A, B > 0), got {spec!r}"
+    )
 
 
 def _accepts(model: Any, name: str) -> bool:
@@ -199,7 +201,9 @@ def _accepts(model: Any, name: str) -> bool:
         return False
 
 
-def _denoise(model: Any, x: torch.Tensor, t: torch.Tensor, cond: Any = None, timestep_cond: Any = None) -> torch.Tensor:
+def _denoise(
+    model: Any, x: torch.Tensor, t: torch.Tensor, cond: Any = None, timestep_cond: Any = None
+) -> torch.Tensor:
     kwargs = {}
     if cond is not None:
         kwargs["encoder_hidden_states"] = cond
@@ -258,7 +262,9 @@ class SLAMDistiller:
                              "derived for epsilon)")
         self.schedule = NoiseSchedule.from_config(sched)
         if self.schedule.family != "vp":
-            raise ValueError(f"scheduler_config: SLAM distillation needs a discrete VP schedule, got {self.schedule.family}")
+            raise ValueError(
+                f"scheduler_config: SLAM distillation needs a discrete VP schedule, got {self.schedule.family}"
+            )
         T = self.schedule.num_train_timesteps
         if T % config.num_ddim_timesteps:
             raise ValueError(f"num_ddim_timesteps ({config.num_ddim_timesteps}) must divide num_train_timesteps ({T})")
@@ -617,7 +623,8 @@ class SLAMDistiller:
 
 def distillation_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "huber",
                       huber_c: float = 1e-3) -> torch.Tensor:
-    """Mean L2 or pseudo-Huber ``sqrt((a - b)^2 + c^2) - c`` (Song & Dhariwal, arXiv 2310.14189, Sec. 3.3), in float32."""
+    """Mean L2 or pseudo-Huber ``sqrt((a - b)^2 + c^2) - c`` (Song & Dhariwal, arXiv 2310.14189, Sec. 3.3), in
+    float32."""
     diff = pred.float() - target.float()
     if loss_type == "l2":
         return diff.pow(2).mean()
@@ -737,57 +744,3 @@ def load_student(path: str, device: str | torch.device = "cpu", **scheduler_kwar
     net = AutoModel.from_pretrained(path, subfolder=sub, use_safetensors=True).eval().to(device)
     config = SLAMScheduler.load_config(path, subfolder="scheduler")
     return net, SLAMScheduler.from_config(config, **scheduler_kwargs)
-
-
-@dataclass
-class DistilledSamplerSpec:
-    """A bench entry for a distilled student: the same fields as ``diffsamplers.eval.testbed.SamplerSpec`` plus
-    ``denoiser(device)``, the network to run instead of the bench model's (a distilled student is another model, not
-    only another scheduler). ``build(config)`` ignores the teacher's config except for what the bench forces."""
-
-    name: str
-    build: Any
-    steps_for_nfe: Any = lambda nfe: nfe
-    default: bool = False
-    adaptive: dict | None = None
-    description: str = ""
-    denoiser: Any = None
-
-
-def digits_distilled_specs(slam_path: str | None = None, lcd_path: str | None = None) -> dict[str, DistilledSamplerSpec]:
-    """Bench entries for the bundled digits students: ``slam`` and ``lcd`` (one model call per step, so budget = steps;
-    the issue's ``slam-1``, ``slam-2``, ``slam-4`` are budgets 1, 2 and 4) with the official fresh re-noising, and
-    ``slam-det`` / ``lcd-det`` with deterministic re-noising (output a function of the seed's noise alone)."""
-    paths = {"slam": slam_path or bundled_student_path("slam"), "lcd": lcd_path or bundled_student_path("lcd")}
-    specs = {}
-    for method, path in paths.items():
-        for suffix, renoise in (("", "fresh"), ("-det", "deterministic")):
-            specs[method + suffix] = DistilledSamplerSpec(
-                method + suffix,
-                _student_scheduler_builder(path, renoise),
-                default=not suffix,
-                description=f"{method.upper()} student of the digits DDPM ({renoise} re-noising, 1-4 steps)",
-                denoiser=_student_loader(path),
-            )
-    return specs
-
-
-def _student_scheduler_builder(path: str, renoise: str):
-    def build(bench_config: dict) -> SLAMScheduler:
-        config = SLAMScheduler.load_config(path, subfolder="scheduler")
-        # the bench switches x0 clipping off for every sampler; the LCM grid ignores timestep_spacing
-        return SLAMScheduler.from_config(config, renoise=renoise, clip_sample=bench_config.get("clip_sample", False))
-
-    return build
-
-
-def _student_loader(path: str):
-    cache: dict = {}
-
-    def load(device: str | torch.device = "cpu") -> Any:
-        key = str(device)
-        if key not in cache:
-            cache[key] = load_student(path, device)[0]
-        return cache[key]
-
-    return load
