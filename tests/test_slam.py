@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+import numpy as np
 import pytest
 import torch
 from diffusers import (
@@ -455,3 +456,32 @@ def test_bundled_students_load_and_sample():
         assert x.shape == (4, 1, 8, 8) and bool(torch.isfinite(x).all())
         # samples are images in [-1, 1], far from the Gaussian noise they started as
         assert float(x.abs().max()) < 2.5 and float((x < -0.9).float().mean()) > 0.3
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_stable_diffusion_pipelines_with_slam_equal_them_with_lcm(steps):
+    """LCM-LoRA style: ``pipe.scheduler = SLAMScheduler.from_config(pipe.scheduler.config)`` in a
+    StableDiffusionPipeline (guidance_scale=1.0, as for LCM students) and in diffusers' LatentConsistencyModelPipeline
+    gives exactly what LCMScheduler gives there (fresh re-noising, the pipeline's generator)."""
+    from diffsamplers.testing import run_tiny_stable_diffusion, tiny_stable_diffusion_pipeline
+
+    pipe = tiny_stable_diffusion_pipeline()
+    config = pipe.scheduler.config
+    images = {}
+    for name, cls in (("lcm", LCMScheduler), ("slam", SLAMScheduler)):
+        pipe.scheduler = cls.from_config(config)
+        images[name] = run_tiny_stable_diffusion(pipe, num_inference_steps=steps, guidance_scale=1.0)
+    assert np.array_equal(images["lcm"], images["slam"]) and np.isfinite(images["slam"]).all()
+    # an LCM student's UNet takes the guidance embedding (time_cond_proj_dim)
+    torch.manual_seed(0)
+    student = UNet2DConditionModel.from_config(pipe.unet.config, time_cond_proj_dim=8)
+    components = {k: v for k, v in pipe.components.items() if k != "image_encoder"}
+    lcm_pipe = LatentConsistencyModelPipeline(**{**components, "unet": student})
+    lcm_pipe.set_progress_bar_config(disable=True)
+    outs = []
+    for cls in (LCMScheduler, SLAMScheduler):
+        lcm_pipe.scheduler = cls.from_config(config)
+        embeds = torch.randn(1, 77, 16, generator=torch.Generator().manual_seed(0))
+        outs.append(lcm_pipe(prompt_embeds=embeds, num_inference_steps=steps, guidance_scale=4.0, height=32,
+                             width=32, output_type="np", generator=torch.Generator().manual_seed(0)).images)
+    assert np.array_equal(outs[0], outs[1])
