@@ -1,8 +1,14 @@
-"""FID of the bundled SLAM and LCD students of the digits DDPM against the bench's ground truth of the teacher.
+"""The SLAM acceptance figures: FID of the bundled SLAM and LCD students of the digits DDPM against the bench's
+ground truth of the teacher, beside the teacher's DDIM and DPM-Solver++(2M).
 
-Same protocol, seeds and ground truth as ``diffsamplers bench`` (256 seeds from 0, 200-step DPM-Solver++(2M) of the
-teacher, x0 clipping off, the digit classifier's features): the students replace the teacher's UNet, every other
-sampler runs the teacher. Fresh re-noising draws from the global generator, seeded once per entry here.
+The same protocol, seeds and ground truth as ``diffsamplers bench`` (256 seeds from 0, the teacher's 200-step
+DPM-Solver++(2M), x0 clipping off, the digit classifier's features); it is the bench run
+
+    diffsamplers bench --samplers ddim,dpmpp2m,slam,slam-det,lcd,lcd-det --nfe 1,2,4,10
+
+followed by the two comparisons of the issue: each 2-step student against DDIM and DPM-Solver++(2M) at 2 steps,
+each 4-step student against DPM-Solver++(2M) at 10 steps. ``--students DIR ...`` benches other student folders
+(``diffsamplers distill --out DIR``) instead of the bundled ones, e.g. the checkpoints of a training curve.
 
     python benchmarks/slam_distill.py --threads 1 --out bench-slam
 """
@@ -10,16 +16,22 @@ sampler runs the teacher. Fresh re-noising draws from the global generator, seed
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 
 import torch
 
-from diffsamplers.eval.bench import _bench_config, _features, digits_bench_model, ground_truth, sample_with
-from diffsamplers.eval.fid import fid_from_stats
-from diffsamplers.eval.samplers import digits_distilled_specs
-from diffsamplers.eval.testbed import diffusers_baselines
+from diffsamplers.eval.bench import bench_model, digits_bench_model
+from diffsamplers.eval.samplers import digits_distilled_specs, sampler_registry
+
+
+def student_specs(folders: list[str]) -> dict:
+    """Deterministic-re-noising bench entries for student folders, named by their folder."""
+    specs = {}
+    for folder in folders:
+        spec = digits_distilled_specs(lcd_path=folder)["lcd-det"]  # the path decides the network, not the name
+        spec.name = f"{os.path.basename(os.path.normpath(folder))}-det"
+        specs[spec.name] = spec
+    return specs
 
 
 def main() -> None:
@@ -27,29 +39,28 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--out", default="bench-slam")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--students", nargs="*", default=None, metavar="DIR",
+                        help="student folders to bench instead of the bundled SLAM and LCD students")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, features = digits_bench_model()
-    seeds = list(range(args.num_samples))
-    gt = ground_truth(model, seeds, os.path.join(args.out, "ground_truth"))
-    gt_stats = _features(model.decode(gt), features, "cpu")
-    config = _bench_config(model.scheduler_config)
-    baselines = diffusers_baselines()
-    rows = []
-    entries = [(name, baselines[name], n) for name in ("ddim", "dpmpp2m") for n in (2, 4, 10)]
-    entries += [(name, spec, n) for name, spec in digits_distilled_specs().items() for n in (1, 2, 4)]
-    for name, spec, steps in entries:
-        student = getattr(spec, "denoiser", None)
-        run_model = dataclasses.replace(model, denoiser=student("cpu")) if student else model
-        torch.manual_seed(0)
-        latents, calls = sample_with(run_model, spec.build(config), seeds, steps)
-        fid = fid_from_stats(_features(model.decode(latents), features, "cpu"), gt_stats)
-        rmse = float((latents - gt).pow(2).flatten(1).mean(1).sqrt().mean())
-        rows.append(dict(sampler=name, steps=steps, nfe=calls, fid_vs_gt=round(fid, 3), rmse_vs_gt=round(rmse, 4)))
-        print(json.dumps(rows[-1]), flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "slam_results.json"), "w") as f:
-        json.dump(rows, f, indent=2)
+    model, features = digits_bench_model("cpu")
+    baselines = sampler_registry()
+    specs = {"ddim": baselines["ddim"], "dpmpp2m": baselines["dpmpp2m"]}
+    specs.update(student_specs(args.students) if args.students else digits_distilled_specs())
+    records = bench_model(model, specs, [1, 2, 4, 10], num_samples=args.num_samples, feature_net=features,
+                          out_dir=args.out)
+    fid = {(r["sampler"], r["budget"]): r["fid_vs_gt"] for r in records}
+    print(f"{'sampler':<16}" + "".join(f"{f'FID @ {n}':>12}" for n in (1, 2, 4, 10)))
+    for name in specs:
+        print(f"{name:<16}" + "".join(f"{fid[(name, n)]:>12.4g}" for n in (1, 2, 4, 10)))
+    students = [name for name in specs if name not in ("ddim", "dpmpp2m")]
+    for name in students:
+        two = fid[(name, 2)] < min(fid[("ddim", 2)], fid[("dpmpp2m", 2)])
+        four = fid[(name, 4)] <= fid[("dpmpp2m", 10)]
+        print(f"{name}: 2 steps {'beats' if two else 'does not beat'} DDIM and DPM-Solver++ at 2 "
+              f"({fid[(name, 2)]:.4g} vs {min(fid[('ddim', 2)], fid[('dpmpp2m', 2)]):.4g}); 4 steps "
+              f"{'at or below' if four else 'above'} DPM-Solver++ at 10 ({fid[(name, 4)]:.4g} vs "
+              f"{fid[('dpmpp2m', 10)]:.4g})")
 
 
 if __name__ == "__main__":
