@@ -7,18 +7,10 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DPMSolverMultistepScheduler
 
 from diffsamplers.eval.testbed import TESTBED_CONFIG
-from diffsamplers.models import GaussianMixtureModel
 from diffsamplers.samplers.olss import OLSSScheduler
+from diffsamplers.testing import small_mixture
 from diffsamplers.train.bank import FitModel, TrajectoryBank, build_bank, evaluate, record_trajectories, sample_loop
 from diffsamplers.train.olss import fit_olss, ridge_lstsq, search_path
-
-
-def small_mixture(config=TESTBED_CONFIG, prediction_type="epsilon"):
-    """Six separated components in 16 dimensions: exact references solve in milliseconds."""
-    g = torch.Generator().manual_seed(0)
-    means = torch.randn(6, 1, 4, 4, generator=g, dtype=torch.float64)
-    stds = 0.05 + 0.25 * torch.rand(6, generator=g, dtype=torch.float64)
-    return GaussianMixtureModel(means, stds, scheduler_config=config, prediction_type=prediction_type)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,205 @@
+# Copyright 2026 The diffsamplers authors. Licensed under the Apache License, Version 2.0.
+"""Learned time grids for diffusers' own solvers (LD3-style: Tong et al., "Learning to Discretize Denoising
+Diffusion ODEs", arXiv 2405.15506, ICLR 2025; official code ``vinhsuhi/LD3``).
+
+The ``n`` timesteps of an unchanged diffusers solver are optimised on the training bank to minimise the RMSE of its
+final sample against the reference; the validation bank picks the best iterate. LD3 back-propagates through the
+solver; here the search is derivative-free (Nelder-Mead on ``n`` log-gaps), because the objective is the real
+diffusers scheduler with integer ``timesteps=`` (what a user passes to a pipeline), which is piecewise constant in
+continuous time. ``n`` parameters and a few hundred solver runs on the bank suffice on the testbed and the bundled
+model.
+
+Bases: ``"dpmpp2m"`` (``DPMSolverMultistepScheduler``, DPM-Solver++(2M)) and ``"ddim"`` (the same class at
+``solver_order=1``, which is DDIM exactly: DPM-Solver++'s first-order step is the DDIM step, Lu et al.,
+arXiv 2211.01095, Sec. 4). diffusers' ``UniPCMultistepScheduler`` takes custom ``sigmas`` only with
+``use_flow_sigmas`` and ``DDIMScheduler`` takes no custom timesteps, so neither can carry a learned VP grid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._io import atomic_write, read_json
+from .bank import FitModel, TrajectoryBank, sample_loop
+
+TIMEGRID_BASES = ("dpmpp2m", "ddim")
+LEARNED_KEY = "learned_timesteps"
+
+
+def base_scheduler(base: str, config: dict):
+    """The diffusers scheduler a learned grid is for."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    if base == "unipc":
+        raise ValueError(
+            "base='unipc' cannot carry a learned VP grid: diffusers' UniPCMultistepScheduler takes custom sigmas only "
+            "with use_flow_sigmas=True; use base='dpmpp2m' or 'ddim'"
+        )
+    if base not in TIMEGRID_BASES:
+        raise ValueError(f"base must be one of {TIMEGRID_BASES}, got {base!r}")
+    order = 2 if base == "dpmpp2m" else 1
+    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=order)
+
+
+def _timesteps_from_theta(theta: np.ndarray, t0: int) -> list[int]:
+    """``n`` strictly decreasing integer timesteps from ``t0``: softmax gaps over ``[t0, -1]`` (the last gap ends
+    on clean data), rounded, then nudged apart so that no two coincide."""
+    w = np.exp(theta - theta.max())
+    gaps = w / w.sum() * (t0 + 1)
+    ts = t0 - np.concatenate([[0.0], np.cumsum(gaps)[:-1]])
+    out = [int(t0)]
+    for t in ts[1:]:
+        out.append(int(min(max(round(t), 0), out[-1] - 1)))
+    if out[-1] < 0:  # too many steps squeezed near 0: push up from the bottom
+        for k in range(len(out) - 1, 0, -1):
+            out[k] = max(out[k], len(out) - 1 - k)
+    return out
+
+
+def _theta_from_timesteps(timesteps: list[int]) -> np.ndarray:
+    ts = np.asarray(list(timesteps) + [-1], dtype=np.float64)
+    return np.log(ts[:-1] - ts[1:])
+
+
+@dataclass
+class LearnedTimeGrid:
+    """A learned grid for a diffusers solver: pass ``timesteps`` to a pipeline (``pipe(..., timesteps=grid)``) with
+    ``scheduler``; :meth:`save` writes a scheduler folder whose config carries the grid and its provenance."""
+
+    base: str
+    timesteps: list[int]
+    scheduler: Any
+    fit_info: dict
+
+    def save(self, out_dir: str | os.PathLike) -> None:
+        self.scheduler.save_pretrained(out_dir)
+        path = Path(out_dir) / "scheduler_config.json"
+        config = read_json(path)
+        config[LEARNED_KEY] = list(self.timesteps)
+        config["fit_info"] = self.fit_info
+        atomic_write(path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+
+
+def load_learned_grid(path: str | os.PathLike) -> tuple[Any, list[int]]:
+    """``(scheduler, timesteps)`` from a folder written by :meth:`LearnedTimeGrid.save`."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    config = read_json(Path(path) / "scheduler_config.json")
+    if LEARNED_KEY not in config:
+        raise ValueError(f"{path}/scheduler_config.json has no {LEARNED_KEY!r}: not a learned time grid")
+    ts = config[LEARNED_KEY]
+    if not isinstance(ts, list) or not all(isinstance(t, int) for t in ts) or len(ts) < 1:
+        raise ValueError(f"{path}/scheduler_config.json: {LEARNED_KEY} must be a list of integers, got {ts!r}")
+    scheduler = DPMSolverMultistepScheduler.from_config({k: v for k, v in config.items()
+                                                         if k not in (LEARNED_KEY, "fit_info")})
+    return scheduler, ts
+
+
+def fit_timesteps(
+    model: FitModel,
+    bank: TrajectoryBank,
+    nfe: int,
+    *,
+    base: str = "dpmpp2m",
+    val_bank: TrajectoryBank | None = None,
+    iterations: int = 150,
+    val_every: int = 10,
+    checkpoint: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> LearnedTimeGrid:
+    """Optimise the ``nfe`` timesteps of a diffusers solver on ``bank`` (see the module docstring).
+
+    Args:
+        model (`FitModel`): the model.
+        bank, val_bank (`TrajectoryBank`): training and validation trajectories; the iterate with the lowest
+            validation RMSE is returned (default: the training bank).
+        nfe (`int`): number of timesteps (model calls).
+        base (`str`): ``"dpmpp2m"`` or ``"ddim"``.
+        iterations (`int`): Nelder-Mead iterations.
+        checkpoint (`str`, *optional*): a JSON file written every ``val_every`` iterations; an existing one (same
+            model, base and ``nfe``) resumes: the search restarts from its best iterate for the iterations left.
+        val_every (`int`): iterations between validations (the best validated iterate is returned).
+        progress (`bool`): show a progress bar.
+    """
+    from scipy.optimize import minimize
+
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
+    start = time.perf_counter()
+    config = model.scheduler_config
+    scheduler = base_scheduler(base, config)
+    scheduler.set_timesteps(nfe)
+    init = [int(t) for t in scheduler.timesteps]
+    t0 = init[0]
+    theta0 = _theta_from_timesteps(init)
+    val = val_bank if val_bank is not None else bank
+    cache: dict[tuple, float] = {}
+
+    def score(b: TrajectoryBank, ts: list[int]) -> float:
+        key = (id(b), tuple(ts))
+        if key not in cache:
+            s = base_scheduler(base, config)
+            out = sample_loop(s, model, b.x_T.to(torch.float64), None, timesteps=ts)
+            value = float((out - b.final).pow(2).mean().sqrt())
+            cache[key] = value if math.isfinite(value) else float("inf")
+        return cache[key]
+
+    state = dict(best_theta=theta0.tolist(), best_val=score(val, init), iteration=0, init_val=score(val, init))
+    if checkpoint is not None and Path(checkpoint).exists():
+        saved = read_json(checkpoint)
+        if saved.get("nfe") == nfe and saved.get("base") == base and saved.get("model_hash") == model.model_hash:
+            state.update({k: saved[k] for k in ("best_theta", "best_val", "iteration", "init_val")})
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=iterations, initial=min(state["iteration"], iterations), desc=f"time grid ({base}, {nfe})")
+
+    def save_checkpoint() -> None:
+        if checkpoint is not None:
+            data = dict(state, nfe=nfe, base=base, model_hash=model.model_hash)
+            atomic_write(checkpoint, json.dumps(data).encode())
+
+    def callback(theta: np.ndarray) -> None:
+        state["iteration"] += 1
+        if bar is not None:
+            bar.update(1)
+        if state["iteration"] % val_every == 0:
+            v = score(val, _timesteps_from_theta(theta, t0))
+            if v < state["best_val"]:
+                state["best_val"], state["best_theta"] = v, theta.tolist()
+            if bar is not None:
+                bar.set_postfix(val_rmse=f"{state['best_val']:.4g}")
+            save_checkpoint()
+
+    remaining = iterations - state["iteration"]
+    if remaining > 0:
+        x0 = np.asarray(state["best_theta"])
+        simplex = np.vstack([x0] + [x0 + 0.3 * np.eye(nfe)[k] for k in range(nfe)])
+        result = minimize(lambda th: score(bank, _timesteps_from_theta(th, t0)), x0, method="Nelder-Mead",
+                          callback=callback, options=dict(maxiter=remaining, initial_simplex=simplex))
+        v = score(val, _timesteps_from_theta(result.x, t0))
+        if v < state["best_val"]:
+            state["best_val"], state["best_theta"] = v, result.x.tolist()
+        # the budget is spent (Nelder-Mead may stop early or count one iteration fewer than its callback calls)
+        state["iteration"] = max(state["iteration"], iterations)
+        save_checkpoint()
+    if bar is not None:
+        bar.close()
+    timesteps = _timesteps_from_theta(np.asarray(state["best_theta"]), t0)
+    fit_info = model.provenance(
+        method=f"timesteps:{base}", reference=bank.info.get("reference"),
+        reference_steps=bank.info.get("reference_steps"), num_train=len(bank), num_val=len(val),
+        val_rmse=state["best_val"], val_rmse_initial=state["init_val"], initial_timesteps=init,
+        fit_seconds=time.perf_counter() - start,
+    )
+    return LearnedTimeGrid(base, timesteps, base_scheduler(base, config), fit_info)
