@@ -27,6 +27,7 @@ _EXPORTS: dict[str, str] = {
     "BDIAScheduler": "samplers",
     "DualFastScheduler": "samplers",
     "LMLScheduler": "samplers",
+    "LearnedTimestepsScheduler": "samplers",
     "OLSSScheduler": "samplers",
     "SLAMScheduler": "samplers",
     "TeleportScheduler": "samplers",

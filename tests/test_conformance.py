@@ -34,6 +34,7 @@ from diffsamplers import (
     BDIAScheduler,
     DualFastScheduler,
     GaussianStats,
+    LearnedTimestepsScheduler,
     LMLScheduler,
     OLSSScheduler,
     SLAMScheduler,
@@ -124,6 +125,10 @@ CASES = [
     Case("OLSSScheduler", OLSSScheduler.from_config,
          _family_reference(DDIMScheduler, FlowMatchEulerDiscreteScheduler, {"clip_sample": False}),
          {**VP_CONFIGS, **FLOW_CONFIGS}, signature=DDIMScheduler),
+    # the learned grid only replaces the default grid at its own step count: then it is DPM-Solver++ on that grid
+    Case("LearnedTimestepsScheduler", LearnedTimestepsScheduler.from_config, DPMSolverMultistepScheduler.from_config,
+         VP_CONFIGS, active=lambda c: LearnedTimestepsScheduler.from_config(
+             c, learned_timesteps=[999, 870, 700, 520, 350, 200, 90, 20])),
     Case("SLAMScheduler", lambda c: SLAMScheduler.from_config(c, renoise="deterministic"),
          lambda c: SLAMScheduler.from_config(c, renoise="tcd", tcd_eta=0.0), VP_CONFIGS, signature=LCMScheduler),
 ]

@@ -8,8 +8,9 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 
 from diffsamplers.eval.testbed import TESTBED_CONFIG
+from diffsamplers.samplers.learned_timesteps import LearnedTimestepsScheduler
 from diffsamplers.testing import small_mixture
-from diffsamplers.train.bank import FitModel, build_bank, evaluate
+from diffsamplers.train.bank import FitModel, build_bank, evaluate, sample_loop
 from diffsamplers.train.timegrid import _timesteps_from_theta, base_scheduler, fit_timesteps, load_learned_grid
 
 
@@ -43,13 +44,22 @@ def test_saved_grid_loads_with_from_pretrained(fit_model, banks, tmp_path):
     train, val, _ = banks
     grid = fit_timesteps(fit_model, train, 4, val_bank=val, iterations=10, progress=False)
     grid.save(tmp_path)
-    loaded = DPMSolverMultistepScheduler.from_pretrained(tmp_path)
-    assert loaded.config.learned_timesteps == grid.timesteps
-    assert loaded.config.fit_info["num_train"] == 64
+    loaded = LearnedTimestepsScheduler.from_pretrained(tmp_path)
+    assert loaded.config.learned_timesteps == grid.timesteps and loaded.config.fit_info["num_train"] == 64
     scheduler, timesteps = load_learned_grid(tmp_path)
     assert timesteps == grid.timesteps and scheduler.config.algorithm_type == "dpmsolver++"
-    scheduler.set_timesteps(timesteps=timesteps)
-    assert scheduler.timesteps.tolist() == grid.timesteps
+    # what a pipeline calls runs the learned grid; diffusers' own scheduler with timesteps= gives the same samples
+    loaded.set_timesteps(len(timesteps))
+    assert loaded.timesteps.tolist() == grid.timesteps
+    x_T = banks[1].x_T[:4]
+    plain = DPMSolverMultistepScheduler.from_config(TESTBED_CONFIG, algorithm_type="dpmsolver++")
+    assert torch.equal(sample_loop(loaded, fit_model, x_T, len(timesteps)),
+                       sample_loop(plain, fit_model, x_T, None, timesteps=timesteps))
+    with pytest.warns(UserWarning, match="fitted for 4 steps"):
+        loaded.set_timesteps(6)
+    assert len(loaded.timesteps) == 6
+    with pytest.raises(ValueError, match="learned_timesteps"):
+        LearnedTimestepsScheduler.from_config(TESTBED_CONFIG, learned_timesteps=[10, 500])
 
 
 def test_an_interrupted_fit_resumes_from_its_checkpoint(fit_model, banks, tmp_path):

@@ -5,6 +5,7 @@ from .bdia import BDIAInverseOutput, BDIAScheduler
 from .bdia_edm import BDIAEDMPredictorOutput, BDIAEDMScheduler
 from .dualfast import DualFastScheduler
 from .gaussian_teleport import GaussianStatsLike, frame_coeffs, latent_frame, teleport
+from .learned_timesteps import LearnedTimestepsScheduler
 from .lml import LMLScheduler, lm_correct
 from .olss import OLSSScheduler
 from .slam import SLAMScheduler
@@ -20,6 +21,7 @@ __all__ = [
     "DualFastScheduler",
     "GaussianStatsLike",
     "LMLScheduler",
+    "LearnedTimestepsScheduler",
     "OLSSScheduler",
     "SLAMScheduler",
     "TeleportScheduler",

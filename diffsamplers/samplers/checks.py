@@ -125,3 +125,13 @@ def check_learned_variance(config: Mapping[str, Any], cls: type) -> None:
             f"{cls.__name__} does not support variance_type={variance_type!r}: learned-variance models output mean "
             "and variance channels; split the output and use a config with variance_type='fixed_small'"
         )
+
+
+def check_on_grid(timestep: Any, timesteps: Any) -> None:
+    """``timestep`` is one entry of the scheduler's ``timesteps`` (``None`` before ``set_timesteps``)."""
+    if timesteps is None:
+        raise ValueError(f"timestep {timestep!r}: the scheduler has no timesteps yet; call set_timesteps first")
+    if isinstance(timestep, torch.Tensor) and timestep.numel() != 1:
+        raise ValueError(f"timestep must be one entry of timesteps, got a tensor of shape {tuple(timestep.shape)}")
+    if not bool((timesteps == torch.as_tensor(timestep).to(timesteps.device)).any()):
+        raise ValueError(f"timestep {timestep!r} is not in this scheduler's timesteps (call set_timesteps first)")

@@ -39,7 +39,13 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 
 from ..schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS
-from .checks import check_config_argument, check_learned_variance, check_model_output, check_schedule_arguments
+from .checks import (
+    check_config_argument,
+    check_learned_variance,
+    check_model_output,
+    check_on_grid,
+    check_schedule_arguments,
+)
 
 # the diffusers solvers that can be wrapped, resolved by name on first use: importing UniPC pulls in scipy.stats,
 # which would add about a second to `import diffsamplers`
@@ -514,11 +520,7 @@ class WrappedScheduler(SchedulerMixin, ConfigMixin):
         return index
 
     def _check_on_grid(self, timestep: Any) -> None:
-        timesteps = self.base.timesteps
-        if isinstance(timestep, torch.Tensor) and timestep.numel() != 1:
-            raise ValueError(f"timestep must be one entry of timesteps, got a tensor of shape {tuple(timestep.shape)}")
-        if not bool((timesteps == torch.as_tensor(timestep).to(timesteps.device)).any()):
-            raise ValueError(f"timestep {timestep!r} is not in this scheduler's timesteps (call set_timesteps first)")
+        check_on_grid(timestep, self.base.timesteps)
 
     def _positional_step_arguments(self, args: tuple, named: dict[str, Any], kwargs: dict[str, Any]) -> None:
         """Map ``step``'s positional arguments after ``sample`` onto the wrapped solver's own parameter names

@@ -72,8 +72,12 @@ def _theta_from_timesteps(timesteps: list[int]) -> np.ndarray:
 
 @dataclass
 class LearnedTimeGrid:
-    """A learned grid for a diffusers solver: pass ``timesteps`` to a pipeline (``pipe(..., timesteps=grid)``) with
-    ``scheduler``; :meth:`save` writes a scheduler folder whose config carries the grid and its provenance."""
+    """A learned grid for a diffusers solver.
+
+    ``timesteps`` is the list a pipeline takes (``pipe(..., timesteps=grid.timesteps)`` with diffusers'
+    ``DPMSolverMultistepScheduler`` of the base); ``scheduler`` is a
+    :class:`~diffsamplers.samplers.learned_timesteps.LearnedTimestepsScheduler` that runs the grid by itself at
+    ``len(timesteps)`` steps, and :meth:`save` writes its folder (``LearnedTimestepsScheduler.from_pretrained``)."""
 
     base: str
     timesteps: list[int]
@@ -82,26 +86,17 @@ class LearnedTimeGrid:
 
     def save(self, out_dir: str | os.PathLike) -> None:
         self.scheduler.save_pretrained(out_dir)
-        path = Path(out_dir) / "scheduler_config.json"
-        config = read_json(path)
-        config[LEARNED_KEY] = list(self.timesteps)
-        config["fit_info"] = self.fit_info
-        atomic_write(path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
 
 
 def load_learned_grid(path: str | os.PathLike) -> tuple[Any, list[int]]:
     """``(scheduler, timesteps)`` from a folder written by :meth:`LearnedTimeGrid.save`."""
-    from diffusers import DPMSolverMultistepScheduler
+    from ..samplers.learned_timesteps import LearnedTimestepsScheduler
 
     config = read_json(Path(path) / "scheduler_config.json")
-    if LEARNED_KEY not in config:
+    if config.get(LEARNED_KEY) is None:
         raise ValueError(f"{path}/scheduler_config.json has no {LEARNED_KEY!r}: not a learned time grid")
-    ts = config[LEARNED_KEY]
-    if not isinstance(ts, list) or not all(isinstance(t, int) for t in ts) or len(ts) < 1:
-        raise ValueError(f"{path}/scheduler_config.json: {LEARNED_KEY} must be a list of integers, got {ts!r}")
-    scheduler = DPMSolverMultistepScheduler.from_config({k: v for k, v in config.items()
-                                                         if k not in (LEARNED_KEY, "fit_info")})
-    return scheduler, ts
+    scheduler = LearnedTimestepsScheduler.from_pretrained(path)
+    return scheduler, list(scheduler.config.learned_timesteps)
 
 
 def fit_timesteps(
@@ -202,4 +197,8 @@ def fit_timesteps(
         val_rmse=state["best_val"], val_rmse_initial=state["init_val"], initial_timesteps=init,
         fit_seconds=time.perf_counter() - start,
     )
-    return LearnedTimeGrid(base, timesteps, base_scheduler(base, config), fit_info)
+    from ..samplers.learned_timesteps import LearnedTimestepsScheduler
+
+    scheduler = LearnedTimestepsScheduler.from_config(base_scheduler(base, config).config, learned_timesteps=timesteps,
+                                                      fit_info=fit_info)
+    return LearnedTimeGrid(base, timesteps, scheduler, fit_info)
