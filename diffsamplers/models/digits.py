@@ -53,7 +53,7 @@ import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -332,6 +332,86 @@ def _load_checkpoint(path: str, unet: nn.Module, ema: list[torch.Tensor], opt: t
     return state
 
 
+def fit_with_ema(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    n: int,
+    steps: int,
+    *,
+    batch_size: int,
+    lr: float,
+    warmup: int,
+    ema_decay: float,
+    gen: torch.Generator,
+    ckpt_path: str,
+    tag: dict[str, Any],
+    resume: bool,
+    checkpoint_every: int,
+    progress: bool,
+    keep_checkpoint: bool = False,
+    desc: str | None = None,
+) -> tuple[list[float], float]:
+    """The training loop of the bundled digits models: AdamW with warm-up and cosine decay, gradient clipping at 1,
+    a weight EMA with warm-up, and resumable safetensors checkpoints at ``ckpt_path`` (see :func:`_save_checkpoint`).
+
+    Batches are drawn without replacement epoch by epoch from ``n`` examples with ``gen``, which ``loss_fn(batch
+    indices, gen)`` also draws its noise from, so a resumed run equals an uninterrupted one. ``tag`` (e.g. the seed)
+    is stored in each checkpoint and must match on ``resume``. ``keep_checkpoint`` writes a last checkpoint after the
+    final step (before the EMA replaces the weights). On return the model holds the EMA weights; returns the step
+    losses and the wall time (including earlier, resumed parts)."""
+    from tqdm.auto import tqdm
+
+    batch_size = min(batch_size, n)
+    ema = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    step, losses, elapsed = 0, [], 0.0
+    perm, pos = torch.randperm(n, generator=gen), 0
+    if resume and os.path.exists(ckpt_path):
+        ckpt = _load_checkpoint(ckpt_path, model, ema, opt, gen, n)
+        if any(ckpt.get(k) != v for k, v in tag.items()):
+            raise ValueError(f"{ckpt_path} is from another run ({ {k: ckpt.get(k) for k in tag} }, not {tag})")
+        step, losses, elapsed, perm, pos = ckpt["step"], ckpt["losses"], ckpt["elapsed"], ckpt["perm"], ckpt["pos"]
+
+    def save_checkpoint() -> None:
+        state = {**tag, "step": step, "losses": losses, "pos": pos, "elapsed": elapsed + time.perf_counter() - start}
+        _save_checkpoint(ckpt_path, model, ema, opt, gen, perm, state)
+
+    start = time.perf_counter()
+    bar = tqdm(total=steps, initial=step, disable=not progress, desc=desc or tag.get("stage"))
+    while step < steps:
+        if pos + batch_size > n:  # a new epoch: fresh permutation, the tail of the old one is dropped
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos : pos + batch_size]
+        pos += batch_size
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, lr, warmup)
+        loss = loss_fn(idx, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        # EMA with a warm-up (decay grows from 0.1 to ema_decay), so early steps do not pin it to random weights
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, model.parameters()):
+                e.lerp_(p.detach(), 1 - decay)
+        losses.append(loss.item())
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-200:]) / len(losses[-200:]):.4f}")
+        if checkpoint_every and step % checkpoint_every == 0 and step < steps:
+            save_checkpoint()
+    bar.close()
+    wall = elapsed + time.perf_counter() - start
+    if keep_checkpoint:
+        save_checkpoint()
+    with torch.no_grad():
+        for e, p in zip(ema, model.parameters()):
+            p.copy_(e)
+    return losses, wall
+
+
 def train_digits_model(
     out: str | os.PathLike | None = None,
     steps: int = 6000,
@@ -379,7 +459,6 @@ def train_digits_model(
         500 step losses), ``wall_time_s``, ``steps``, ``seed``, ``num_parameters``.
     """
     from diffusers import DDPMPipeline, DDPMScheduler, FlowMatchEulerDiscreteScheduler
-    from tqdm.auto import tqdm
 
     if objective not in ("ddpm", "flow"):
         raise ValueError(f"objective must be 'ddpm' or 'flow', got {objective!r}")
@@ -398,12 +477,7 @@ def train_digits_model(
 
     unet = build_digits_unet(seed)
     unet.train()
-    ema = [p.detach().clone() for p in unet.parameters()]
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    step, losses, elapsed = 0, [], 0.0
-    perm, pos = torch.randperm(n, generator=gen), 0
-
     ckpt_path = os.path.join(out, CHECKPOINT_NAME)
     legacy_path = os.path.join(out, LEGACY_CHECKPOINT_NAME)
     if resume and not os.path.exists(ckpt_path) and os.path.exists(legacy_path):
@@ -411,58 +485,17 @@ def train_digits_model(
             f"{legacy_path} is a pickle checkpoint of an older version; it is not loaded, since unpickling a file can "
             "run code. Delete it and train again (checkpoints are now safetensors)"
         )
-    if resume and os.path.exists(ckpt_path):
-        ckpt = _load_checkpoint(ckpt_path, unet, ema, opt, gen, n)
-        if ckpt.get("objective") != objective or ckpt.get("seed") != seed:
-            raise ValueError(f"{ckpt_path} is from objective={ckpt.get('objective')} seed={ckpt.get('seed')}")
-        step, losses, elapsed, perm, pos = ckpt["step"], ckpt["losses"], ckpt["elapsed"], ckpt["perm"], ckpt["pos"]
 
-    def save_checkpoint() -> None:
-        state = {
-            "objective": objective,
-            "seed": seed,
-            "step": step,
-            "losses": losses,
-            "elapsed": elapsed + time.perf_counter() - start,
-            "pos": pos,
-        }
-        _save_checkpoint(ckpt_path, unet, ema, opt, gen, perm, state)
-
-    start = time.perf_counter()
-    bar = tqdm(total=steps, initial=step, disable=not progress, desc=f"digits-{objective}")
-    while step < steps:
-        if pos + batch_size > n:  # a new epoch: fresh permutation, the tail of the old one is dropped
-            perm, pos = torch.randperm(n, generator=gen), 0
-        x0 = _random_shift(images[perm[pos : pos + batch_size]], max_shift, gen)
-        pos += batch_size
+    def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        x0 = _random_shift(images[idx], max_shift, gen)
         x_t, t, target = _noisy_batch(x0, objective, scheduler, gen)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, warmup)
-        loss = F.mse_loss(unet(x_t, t).sample, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        # EMA with a warm-up (decay grows from 0.1 to ema_decay), so early steps do not pin it to random weights.
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema, unet.parameters()):
-                e.lerp_(p.detach(), 1 - decay)
-        losses.append(loss.item())
-        step += 1
-        bar.update(1)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-200:]) / len(losses[-200:]):.4f}")
-        if checkpoint_every and step % checkpoint_every == 0 and step < steps:
-            save_checkpoint()
-    bar.close()
-    wall = elapsed + time.perf_counter() - start
-    if keep_checkpoint:  # before the EMA weights replace the training weights below
-        save_checkpoint()
+        return F.mse_loss(unet(x_t, t).sample, target)
 
-    with torch.no_grad():
-        for e, p in zip(ema, unet.parameters()):
-            p.copy_(e)
+    losses, wall = fit_with_ema(unet, loss_fn, n, steps, batch_size=batch_size, lr=lr, warmup=warmup,
+                                ema_decay=ema_decay, gen=gen, ckpt_path=ckpt_path,
+                                tag={"objective": objective, "seed": seed}, resume=resume,
+                                checkpoint_every=checkpoint_every, keep_checkpoint=keep_checkpoint,
+                                progress=progress, desc=f"digits-{objective}")
     unet.eval()
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out, safe_serialization=True)
     tail = losses[-500:]

@@ -38,23 +38,19 @@ import argparse
 import functools
 import json
 import os
-import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .._io import atomic_write, read_json
 from .digits import (
     BUNDLED_DIR,
-    _load_checkpoint,
-    _lr_at,
     _require_out,
-    _save_checkpoint,
     _with_scheduler,
     classifier_accuracy,
     digits_split,
+    fit_with_ema,
     image_grid,
     load_digits_classifier,
     load_digits_images,
@@ -214,73 +210,6 @@ def decode_latents(vae: Any, latents: torch.Tensor, batch_size: int = 256) -> to
 # training
 
 
-def _fit(
-    model: nn.Module,
-    loss_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
-    n: int,
-    steps: int,
-    *,
-    batch_size: int,
-    lr: float,
-    warmup: int,
-    ema_decay: float,
-    gen: torch.Generator,
-    ckpt_path: str,
-    tag: dict[str, Any],
-    resume: bool,
-    checkpoint_every: int,
-    progress: bool,
-) -> tuple[list[float], float]:
-    """AdamW with warm-up and cosine decay, gradient clipping at 1, weight EMA and resumable checkpoints (the
-    recipe and checkpoint format of the pixel digits models). ``loss_fn(batch_indices, gen)`` gives the loss of a
-    batch. On return the model holds the EMA weights; returns the step losses and the wall time."""
-    from tqdm.auto import tqdm
-
-    batch_size = min(batch_size, n)
-    ema = [p.detach().clone() for p in model.parameters()]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    step, losses, elapsed = 0, [], 0.0
-    perm, pos = torch.randperm(n, generator=gen), 0
-    if resume and os.path.exists(ckpt_path):
-        ckpt = _load_checkpoint(ckpt_path, model, ema, opt, gen, n)
-        if any(ckpt.get(k) != v for k, v in tag.items()):
-            raise ValueError(f"{ckpt_path} is from another run ({ {k: ckpt.get(k) for k in tag} }, not {tag})")
-        step, losses, elapsed, perm, pos = ckpt["step"], ckpt["losses"], ckpt["elapsed"], ckpt["perm"], ckpt["pos"]
-
-    start = time.perf_counter()
-    bar = tqdm(total=steps, initial=step, disable=not progress, desc=tag.get("stage"))
-    while step < steps:
-        if pos + batch_size > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos : pos + batch_size]
-        pos += batch_size
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, warmup)
-        loss = loss_fn(idx, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema, model.parameters()):
-                e.lerp_(p.detach(), 1 - decay)
-        losses.append(loss.item())
-        step += 1
-        bar.update(1)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-200:]) / len(losses[-200:]):.4f}")
-        if checkpoint_every and step % checkpoint_every == 0 and step < steps:
-            state = {**tag, "step": step, "losses": losses, "pos": pos,
-                     "elapsed": elapsed + time.perf_counter() - start}
-            _save_checkpoint(ckpt_path, model, ema, opt, gen, perm, state)
-    bar.close()
-    with torch.no_grad():
-        for e, p in zip(ema, model.parameters()):
-            p.copy_(e)
-    return losses, elapsed + time.perf_counter() - start
-
-
 def _tail_mean(losses: list[float], k: int = 500) -> float:
     tail = losses[-k:]
     return sum(tail) / max(1, len(tail))
@@ -362,7 +291,7 @@ def train_digits_latent(
             return F.mse_loss(vae.decode(z).sample, x) + kl_weight * kl
 
         ckpt = os.path.join(out, "checkpoint-vae.safetensors")
-        losses, wall = _fit(vae, vae_loss, n, vae_steps, batch_size=vae_batch_size, lr=vae_lr,
+        losses, wall = fit_with_ema(vae, vae_loss, n, vae_steps, batch_size=vae_batch_size, lr=vae_lr,
                             gen=torch.Generator().manual_seed(seed), ckpt_path=ckpt,
                             tag={"stage": "vae", "seed": seed}, **common)
         vae.eval()
@@ -402,7 +331,7 @@ def train_digits_latent(
         return F.mse_loss(pred, eps)
 
     ckpt = os.path.join(out, "checkpoint-dit.safetensors")
-    losses, wall = _fit(transformer, dit_loss, n, dit_steps, batch_size=dit_batch_size, lr=dit_lr,
+    losses, wall = fit_with_ema(transformer, dit_loss, n, dit_steps, batch_size=dit_batch_size, lr=dit_lr,
                         gen=torch.Generator().manual_seed(seed + 1), ckpt_path=ckpt,
                         tag={"stage": "dit", "seed": seed}, **common)
     DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler).save_pretrained(out, safe_serialization=True)
