@@ -161,8 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--overwrite", action="store_true",
                        help="replace the results of an earlier run in --out (its ground-truth cache is reused)")
     from ..train.distill_cli import add_distill_parser  # argparse only: --help stays fast
+    from ..train.fit_cli import add_fit_parser
 
     add_distill_parser(sub)
+    add_fit_parser(sub)
     return parser
 
 
@@ -328,8 +330,7 @@ def _bench_model(args: argparse.Namespace, selected: dict, device: str, prompts:
     if args.model == "digits-latent":
         print(f"classifier-free guidance scale {guidance}; seed s samples class s % 10")
     columns = ["sampler", "budget", "nfe", "fid_vs_gt", "psnr_vs_gt", "rmse_vs_gt", "seconds_per_image"]
-    extra = [k for k in (records[0] if records else {}) if k not in columns and k != "steps"]
-    print(report.format_table(records, columns + extra))
+    print(report.format_table(records, columns + _extra_columns(records, columns)))
     print(f"\nwrote {args.out}/results.json, fid_vs_nfe.png and grid_*.png in {time.perf_counter() - start:.1f} s")
     return records
 
@@ -376,9 +377,18 @@ def _bench_testbed(args: argparse.Namespace, selected: dict) -> list[dict]:
     report.plot_metric_vs_nfe(records, "rmse_vs_gt", os.path.join(args.out, "rmse_vs_nfe.png"), title=title,
                               ylabel="RMSE vs exact solution")
     print(title)
-    print(report.format_table(records, ["sampler", "budget", "nfe", "rmse_vs_gt", "seconds_per_image"]))
+    columns = ["sampler", "budget", "nfe", "rmse_vs_gt", "seconds_per_image"]
+    print(report.format_table(records, columns + _extra_columns(records, columns)))
     print(f"\nwrote {args.out}/results.json and {args.out}/rmse_vs_nfe.png in {time.perf_counter() - start:.1f} s")
     return records
+
+
+def _extra_columns(records: list[dict], columns: list[str]) -> list[str]:
+    """Columns some records have beyond the standard ones (class accuracy, the fit cost of fitted samplers)."""
+    extra: list[str] = []
+    for record in records:
+        extra += [k for k in record if k not in columns and k not in extra and k != "steps"]
+    return extra
 
 
 def _interrupted_message(args: argparse.Namespace | None) -> str:

@@ -77,10 +77,13 @@ def sampler_registry(stats: GaussianStats | None = None, class_stats: Any = None
 def bench_registry(model: str) -> dict[str, SamplerSpec]:
     """The samplers ``diffsamplers bench --model <model>`` offers. The testbed and the bundled models share their
     data (scikit-learn's digits), so teleportation has its statistics (for the latent model in its VAE's latent space,
-    and per class); the bundled digits DDPM also has its distilled students."""
+    and per class); unconditional models have the fitted solvers, the bundled digits DDPM its distilled students."""
+    from .learned import learned_sampler_specs
+
     if model == "digits-latent":
         return sampler_registry(*digits_latent_stats())
     registry = sampler_registry(digits_stats() if model in ("digits", "testbed") else None)
+    registry.update(learned_sampler_specs())
     if model == "digits":
         registry.update(digits_distilled_specs())
     return registry
@@ -142,7 +145,7 @@ def _teleported_per_class(build: Any, class_stats: Any):
 
 
 def digits_latent_stats(device: Any = "cpu") -> tuple[GaussianStats, Any]:
-    """Gaussian statistics of the bundled latent model's training latents (posterior samples of the train split
+    """Gaussian statistics of the bundled latent model's training latents (posterior means of the train split
     through its VAE, scaled as the denoiser sees them): of all classes, and one per class."""
     from ..models.digits_latent import latent_training_set, load_digits_latent_pipeline
     from ..pipelines.class_stats import ClassConditionalStats
