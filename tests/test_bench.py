@@ -245,3 +245,44 @@ def test_distilled_students_run_their_own_network(tmp_path):
         # a student's 2-step sample is not the teacher's 2-step DPM-Solver++ sample
         assert first[name]["rmse_vs_gt"] != first["dpmpp2m"]["rmse_vs_gt"]
     assert first["lcd-det"]["rmse_vs_gt"] < first["dpmpp2m"]["rmse_vs_gt"]
+
+
+def test_bench_on_the_latent_model_with_cfg_and_per_class_teleport(tmp_path, capsys):
+    """`--model digits-latent`: CFG at the default scale, ground truth through the decoder, a class accuracy column,
+    and the teleported samplers with the statistics of all classes and of each sample's class."""
+    out = tmp_path / "latent"
+    samplers = "dpmpp2m,dpmpp2m+teleport,dpmpp2m+teleport-class,ddim+adaptive"
+    argv = ["bench", "--model", "digits-latent", "--samplers", samplers, "--nfe", "6", "--num-samples", "20",
+            "--gt-steps", "20", "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0
+    records = {r["sampler"]: r for r in json.loads((out / "results.json").read_text())}
+    assert set(records) == set(samplers.split(","))
+    for r in records.values():
+        assert 0 <= r["class_accuracy"] <= 1 and math.isfinite(r["fid_vs_gt"])
+    assert records["dpmpp2m"]["class_accuracy"] >= 0.8
+    assert records["dpmpp2m+teleport-class"]["nfe"] == 6
+    text = capsys.readouterr().out
+    assert "class_accuracy" in text and "guidance scale 3.0" in text
+    assert os.path.getsize(out / "grid_dpmpp2m+teleport-class.png") > 1000
+
+
+def test_latent_bench_denoiser_is_the_pipelines_cfg(one_thread):
+    """The bench's loop with its guided denoiser gives exactly what DiTPipeline gives for the same noise and
+    classes (null class first in the bench, second in the pipeline: the guided output must not care)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from diffsamplers.eval.bench import digits_latent_bench_model, initial_noise, sample_with
+    from diffsamplers.models.digits_latent import load_digits_latent_pipeline, sample_digits_latent
+
+    model, _ = digits_latent_bench_model("cpu", 2.5)
+    seeds = [3, 14, 7]
+    config = dict(model.scheduler_config)
+    latents, calls = sample_with(model, DPMSolverMultistepScheduler.from_config(config), seeds, 8)
+    assert calls == 8
+    pipe = load_digits_latent_pipeline()
+    # the pipeline draws each sample's noise with its own generator, as initial_noise does
+    assert torch.equal(initial_noise([3], model.sample_shape)[0],
+                       torch.randn(model.sample_shape, generator=torch.Generator().manual_seed(3)))
+    images = [sample_digits_latent(pipe, [s % 10], 2.5, 8, seed=s) for s in seeds]
+    decoded = model.decode(latents) * 2 - 1
+    assert torch.allclose(decoded, torch.cat(images), atol=1e-4)

@@ -63,6 +63,10 @@ USAGE_MISTAKES = [
     (["--prompts", "{prompts}"], "--prompts: --model digits is unconditional"),
     (["--model", "testbed", "--prompts", "{prompts}"], "--prompts: --model testbed is unconditional"),
     (["--guidance-scale", "3"], "--guidance-scale: it needs --prompts"),
+    (["--model", "digits-latent", "--prompts", "{prompts}"],
+     "--prompts: --model digits-latent is class-conditional (classes from the seeds)"),
+    (["--model", "digits-latent", "--guidance-scale", "x"], "argument --guidance-scale"),
+    (["--model", "digits-latent", "--inception", "{prompts}"], "--inception: --model digits-latent does not use"),
     (["--model", "testbed", "--features", "digits"], "--features: --model testbed does not use it"),
     (["--model", "testbed", "--features", "inception"], "--features: --model testbed does not use it"),
     (["--model", "testbed", "--gt-steps", "10"], "--gt-steps: --model testbed does not use it"),
@@ -215,3 +219,24 @@ def test_distill_mistakes_get_one_line(args, message, tmp_path, capsys):
 def test_distill_is_listed_in_the_help(capsys):
     assert main(["--help"]) == 0
     assert "distill" in capsys.readouterr().out
+
+
+def test_latent_guidance_default_is_the_models():
+    from diffsamplers.models.digits_latent import DEFAULT_GUIDANCE_SCALE
+
+    assert cli.LATENT_GUIDANCE_SCALE == DEFAULT_GUIDANCE_SCALE
+
+
+def test_list_for_the_latent_model_has_the_per_class_teleport(capsys):
+    assert main(["bench", "--model", "digits-latent", "--list"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.strip().splitlines()]
+    assert {"dpmpp2m+teleport", "dpmpp2m+teleport-class", "unipc+teleport-class"} <= set(names)
+
+
+def test_latent_bench_takes_a_guidance_scale(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["bench", "--model", "digits-latent", "--guidance-scale", "1.5", "--samplers", "ddim", "--nfe", "4",
+            "--num-samples", "4", "--gt-steps", "8", "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0
+    assert "guidance scale 1.5" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())[0]["sampler"] == "ddim"

@@ -141,8 +141,8 @@ def test_adaptive_diffusion_on_the_pipeline(pipe):
                            scheduler=DDIMScheduler.from_config(pipe.scheduler.config))
     run_pipe.set_progress_bar_config(disable=True)
     full = run(run_pipe, steps=20)
-    # delta 0.02: 14 of 20 calls here, 0.074 from the full run (delta 0.05 skips as often but lands 0.12 away)
-    with enable_adaptive_diffusion(run_pipe, delta=0.02, max_skips=4) as handle:
+    # a tight delta: some calls skipped, the images stay near the full run (delta 0.05 lands 0.12 away)
+    with enable_adaptive_diffusion(run_pipe, delta=0.01, max_skips=4) as handle:
         skipped = run(run_pipe, steps=20)
         assert 0 < handle.nfe < 20
     assert (skipped - full).abs().mean() < 0.1
