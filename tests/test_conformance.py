@@ -32,6 +32,7 @@ import diffsamplers
 from diffsamplers import (
     BDIAEDMScheduler,
     BDIAScheduler,
+    BespokeScheduler,
     DualFastScheduler,
     GaussianStats,
     LearnedTimestepsScheduler,
@@ -129,6 +130,11 @@ CASES = [
     Case("LearnedTimestepsScheduler", LearnedTimestepsScheduler.from_config, DPMSolverMultistepScheduler.from_config,
          VP_CONFIGS, active=lambda c: LearnedTimestepsScheduler.from_config(
              c, learned_timesteps=[999, 870, 700, 520, 350, 200, 90, 20])),
+    # unfitted Bespoke RK1 is DDIM; RK2 is the midpoint rule in OT coordinates (two calls per step)
+    Case("BespokeScheduler", BespokeScheduler.from_config,
+         _family_reference(DDIMScheduler, FlowMatchEulerDiscreteScheduler, {"clip_sample": False}),
+         {**VP_CONFIGS, **FLOW_CONFIGS}, signature=DDIMScheduler,
+         active=lambda c: BespokeScheduler.from_config(c, solver_type="rk2")),
     Case("SLAMScheduler", lambda c: SLAMScheduler.from_config(c, renoise="deterministic"),
          lambda c: SLAMScheduler.from_config(c, renoise="tcd", tcd_eta=0.0), VP_CONFIGS, signature=LCMScheduler),
 ]

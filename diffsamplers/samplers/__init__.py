@@ -3,6 +3,7 @@
 from .base import DiffSamplersScheduler, DiffSamplersSchedulerOutput
 from .bdia import BDIAInverseOutput, BDIAScheduler
 from .bdia_edm import BDIAEDMPredictorOutput, BDIAEDMScheduler
+from .bespoke import BespokeScheduler
 from .dualfast import DualFastScheduler
 from .gaussian_teleport import GaussianStatsLike, frame_coeffs, latent_frame, teleport
 from .learned_timesteps import LearnedTimestepsScheduler
@@ -16,6 +17,7 @@ __all__ = [
     "BDIAEDMScheduler",
     "BDIAInverseOutput",
     "BDIAScheduler",
+    "BespokeScheduler",
     "DiffSamplersScheduler",
     "DiffSamplersSchedulerOutput",
     "DualFastScheduler",

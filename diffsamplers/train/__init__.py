@@ -13,6 +13,7 @@ _EXPORTS: dict[str, str] = {
     "TrajectoryBank": "bank",
     "build_bank": "bank",
     "fit_olss": "olss",
+    "train_bespoke": "bespoke",
     "LearnedTimeGrid": "timegrid",
     "fit_timesteps": "timegrid",
     "load_learned_grid": "timegrid",
