@@ -91,7 +91,7 @@ def bench_registry(model: str) -> dict[str, SamplerSpec]:
 
 def digits_distilled_specs(slam_path: str | None = None, lcd_path: str | None = None) -> dict[str, SamplerSpec]:
     """Bench entries for the bundled digits students: ``slam`` and ``lcd`` (one model call per step, so budget = steps;
-    ``slam-1``, ``slam-2``, ``slam-4`` of the issue are budgets 1, 2 and 4) with LCM's fresh re-noising, and
+    run them at budgets 1, 2 and 4: ``--nfe 1,2,4``) with LCM's fresh re-noising, and
     ``slam-det`` / ``lcd-det`` with deterministic re-noising (the output a function of the seed's noise alone)."""
     from ..train.slam import bundled_student_path
 
