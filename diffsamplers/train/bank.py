@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
-from .._io import atomic_write, load_safetensors
+from .._io import atomic_write, load_safetensors, read_json
 
 # seed ranges of the fitting splits (the bench samples seeds 0 .. num_samples - 1)
 FIT_SEED_BASE = {"train": 1_000_000, "val": 2_000_000, "test": 3_000_000}
@@ -279,3 +280,72 @@ def build_bank(
 def evaluate(scheduler: Any, model: Callable, bank: TrajectoryBank, steps: int | None = None, **kw: Any) -> float:
     """RMSE of a scheduler's samples from the bank's noises against the bank's reference finals."""
     return rmse(sample_loop(scheduler, model, bank.x_T, steps, **kw), bank.final)
+
+
+def validated_search(
+    train_score: Callable[[np.ndarray], float],
+    val_score: Callable[[np.ndarray], float],
+    theta0: np.ndarray,
+    *,
+    iterations: int,
+    simplex_step: float,
+    val_every: int = 10,
+    checkpoint: str | os.PathLike | None = None,
+    key: dict | None = None,
+    progress: bool = True,
+    desc: str = "fit",
+) -> dict:
+    """Derivative-free fit shared by the learned grids and Bespoke: Nelder-Mead on ``train_score`` from ``theta0``,
+    keeping the iterate with the lowest ``val_score`` (checked every ``val_every`` iterations and at the end).
+
+    With ``checkpoint`` (a JSON file) the best iterate is saved as it improves, tagged with ``key``; a checkpoint
+    with the same ``key`` resumes: the search restarts from its best iterate for the iterations left. Returns
+    ``dict(best_theta, best_val, init_val, iteration)``.
+    """
+    from scipy.optimize import minimize
+
+    key = dict(key or {})
+    init_val = val_score(theta0)
+    state = dict(best_theta=np.asarray(theta0).tolist(), best_val=init_val, iteration=0, init_val=init_val)
+    if checkpoint is not None and Path(checkpoint).exists():
+        saved = read_json(checkpoint)
+        if all(saved.get(k) == v for k, v in key.items()):
+            state.update({k: saved[k] for k in ("best_theta", "best_val", "iteration", "init_val")})
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=iterations, initial=min(state["iteration"], iterations), desc=desc)
+
+    def keep_if_better(theta: np.ndarray) -> None:
+        value = val_score(theta)
+        if value < state["best_val"]:
+            state["best_val"], state["best_theta"] = value, np.asarray(theta).tolist()
+
+    def save_checkpoint() -> None:
+        if checkpoint is not None:
+            atomic_write(checkpoint, json.dumps(dict(state, **key)).encode())
+
+    def callback(theta: np.ndarray) -> None:
+        state["iteration"] += 1
+        if bar is not None:
+            bar.update(1)
+        if state["iteration"] % val_every == 0:
+            keep_if_better(theta)
+            if bar is not None:
+                bar.set_postfix(val_rmse=f"{state['best_val']:.4g}")
+            save_checkpoint()
+
+    remaining = iterations - state["iteration"]
+    if remaining > 0:
+        x0 = np.asarray(state["best_theta"], dtype=np.float64)
+        simplex = np.vstack([x0] + [x0 + simplex_step * row for row in np.eye(len(x0))])
+        result = minimize(train_score, x0, method="Nelder-Mead", callback=callback,
+                          options=dict(maxiter=remaining, initial_simplex=simplex))
+        keep_if_better(result.x)
+        # the budget is spent (Nelder-Mead may stop early or count one iteration fewer than its callback calls)
+        state["iteration"] = max(state["iteration"], iterations)
+        save_checkpoint()
+    if bar is not None:
+        bar.close()
+    return state

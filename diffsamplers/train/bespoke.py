@@ -13,18 +13,15 @@ positive. The search starts at the unfitted solver (DDIM for RK1, the OT midpoin
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from .._io import atomic_write, read_json
 from ..samplers.bespoke import BESPOKE_BASES, BespokeScheduler
-from .bank import FitModel, TrajectoryBank, rmse, sample_loop
+from .bank import FitModel, TrajectoryBank, rmse, sample_loop, validated_search
 
 __all__ = ["train_bespoke"]
 
@@ -81,8 +78,6 @@ def train_bespoke(
             same model, solver and ``nfe`` resumes from its best iterate for the iterations left.
         progress (`bool`): show a progress bar.
     """
-    from scipy.optimize import minimize
-
     if solver_type not in BESPOKE_BASES:
         raise ValueError(f"solver_type must be one of {BESPOKE_BASES}, got {solver_type!r}")
     if loss not in LOSSES:
@@ -111,50 +106,12 @@ def train_bespoke(
             return float("inf")
         return value if math.isfinite(value) else float("inf")
 
-    theta0 = np.zeros(4 * m)
-    init_val = score(val, theta0)
-    state = dict(best_theta=theta0.tolist(), best_val=init_val, iteration=0, init_val=init_val)
-    key = dict(nfe=nfe, solver_type=solver_type, loss=loss, model_hash=model.model_hash)
-    if checkpoint is not None and Path(checkpoint).exists():
-        saved = read_json(checkpoint)
-        if all(saved.get(k) == v for k, v in key.items()):
-            state.update({k: saved[k] for k in ("best_theta", "best_val", "iteration", "init_val")})
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        desc = f"bespoke ({solver_type}, {nfe})"
-        bar = tqdm(total=iterations, initial=min(state["iteration"], iterations), desc=desc)
-
-    def save_checkpoint() -> None:
-        if checkpoint is not None:
-            atomic_write(checkpoint, json.dumps(dict(state, **key)).encode())
-
-    def callback(theta: np.ndarray) -> None:
-        state["iteration"] += 1
-        if bar is not None:
-            bar.update(1)
-        if state["iteration"] % val_every == 0:
-            v = score(val, theta)
-            if v < state["best_val"]:
-                state["best_val"], state["best_theta"] = v, theta.tolist()
-            if bar is not None:
-                bar.set_postfix(val_rmse=f"{state['best_val']:.4g}")
-            save_checkpoint()
-
-    remaining = iterations - state["iteration"]
-    if remaining > 0:
-        x0 = np.asarray(state["best_theta"])
-        simplex = np.vstack([x0] + [x0 + lr * np.eye(4 * m)[k] for k in range(4 * m)])
-        result = minimize(lambda th: score(bank, th), x0, method="Nelder-Mead", callback=callback,
-                          options=dict(maxiter=remaining, initial_simplex=simplex))
-        v = score(val, result.x)
-        if v < state["best_val"]:
-            state["best_val"], state["best_theta"] = v, result.x.tolist()
-        state["iteration"] = max(state["iteration"], iterations)
-        save_checkpoint()
-    if bar is not None:
-        bar.close()
+    state = validated_search(
+        lambda theta: score(bank, theta), lambda theta: score(val, theta), np.zeros(4 * m),
+        iterations=iterations, simplex_step=lr, val_every=val_every, checkpoint=checkpoint,
+        key=dict(nfe=nfe, solver_type=solver_type, loss=loss, model_hash=model.model_hash), progress=progress,
+        desc=f"bespoke ({solver_type}, {nfe})",
+    )
     fit_info = model.provenance(
         method=f"bespoke:{solver_type}", loss=loss, reference=bank.info.get("reference"),
         reference_steps=bank.info.get("reference_steps"), num_train=len(bank), num_val=len(val),

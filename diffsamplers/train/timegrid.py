@@ -17,7 +17,6 @@ arXiv 2211.01095, Sec. 4). diffusers' ``UniPCMultistepScheduler`` takes custom `
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -28,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._io import atomic_write, read_json
-from .bank import FitModel, TrajectoryBank, sample_loop
+from .._io import read_json
+from .bank import FitModel, TrajectoryBank, rmse, sample_loop, validated_search
 
 TIMEGRID_BASES = ("dpmpp2m", "ddim")
 LEARNED_KEY = "learned_timesteps"
@@ -125,8 +124,6 @@ def fit_timesteps(
         val_every (`int`): iterations between validations (the best validated iterate is returned).
         progress (`bool`): show a progress bar.
     """
-    from scipy.optimize import minimize
-
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
     start = time.perf_counter()
@@ -142,54 +139,18 @@ def fit_timesteps(
     def score(b: TrajectoryBank, ts: list[int]) -> float:
         key = (id(b), tuple(ts))
         if key not in cache:
-            s = base_scheduler(base, config)
-            out = sample_loop(s, model, b.x_T.to(torch.float64), None, timesteps=ts)
-            value = float((out - b.final).pow(2).mean().sqrt())
+            out = sample_loop(base_scheduler(base, config), model, b.x_T.to(torch.float64), None, timesteps=ts)
+            value = rmse(out, b.final)
             cache[key] = value if math.isfinite(value) else float("inf")
         return cache[key]
 
-    state = dict(best_theta=theta0.tolist(), best_val=score(val, init), iteration=0, init_val=score(val, init))
-    if checkpoint is not None and Path(checkpoint).exists():
-        saved = read_json(checkpoint)
-        if saved.get("nfe") == nfe and saved.get("base") == base and saved.get("model_hash") == model.model_hash:
-            state.update({k: saved[k] for k in ("best_theta", "best_val", "iteration", "init_val")})
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=iterations, initial=min(state["iteration"], iterations), desc=f"time grid ({base}, {nfe})")
-
-    def save_checkpoint() -> None:
-        if checkpoint is not None:
-            data = dict(state, nfe=nfe, base=base, model_hash=model.model_hash)
-            atomic_write(checkpoint, json.dumps(data).encode())
-
-    def callback(theta: np.ndarray) -> None:
-        state["iteration"] += 1
-        if bar is not None:
-            bar.update(1)
-        if state["iteration"] % val_every == 0:
-            v = score(val, _timesteps_from_theta(theta, t0))
-            if v < state["best_val"]:
-                state["best_val"], state["best_theta"] = v, theta.tolist()
-            if bar is not None:
-                bar.set_postfix(val_rmse=f"{state['best_val']:.4g}")
-            save_checkpoint()
-
-    remaining = iterations - state["iteration"]
-    if remaining > 0:
-        x0 = np.asarray(state["best_theta"])
-        simplex = np.vstack([x0] + [x0 + 0.3 * np.eye(nfe)[k] for k in range(nfe)])
-        result = minimize(lambda th: score(bank, _timesteps_from_theta(th, t0)), x0, method="Nelder-Mead",
-                          callback=callback, options=dict(maxiter=remaining, initial_simplex=simplex))
-        v = score(val, _timesteps_from_theta(result.x, t0))
-        if v < state["best_val"]:
-            state["best_val"], state["best_theta"] = v, result.x.tolist()
-        # the budget is spent (Nelder-Mead may stop early or count one iteration fewer than its callback calls)
-        state["iteration"] = max(state["iteration"], iterations)
-        save_checkpoint()
-    if bar is not None:
-        bar.close()
+    state = validated_search(
+        lambda theta: score(bank, _timesteps_from_theta(theta, t0)),
+        lambda theta: score(val, _timesteps_from_theta(theta, t0)), theta0,
+        iterations=iterations, simplex_step=0.3, val_every=val_every, checkpoint=checkpoint,
+        key=dict(nfe=nfe, base=base, model_hash=model.model_hash), progress=progress,
+        desc=f"time grid ({base}, {nfe})",
+    )
     timesteps = _timesteps_from_theta(np.asarray(state["best_theta"]), t0)
     fit_info = model.provenance(
         method=f"timesteps:{base}", reference=bank.info.get("reference"),
