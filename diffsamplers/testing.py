@@ -282,3 +282,12 @@ def small_mixture(config: dict | None = None, prediction_type: str = "epsilon"):
     stds = 0.05 + 0.25 * torch.rand(6, generator=g, dtype=torch.float64)
     return GaussianMixtureModel(means, stds, scheduler_config=config or TESTBED_CONFIG,
                                 prediction_type=prediction_type)
+
+
+def small_fit_model(name: str = "testbed:small"):
+    """:func:`small_mixture` as the fitting core's ``FitModel``, with its exact references (float64)."""
+    from .eval.testbed import TESTBED_CONFIG
+    from .train.bank import FitModel
+
+    gmm = small_mixture()
+    return FitModel(gmm, dict(TESTBED_CONFIG), gmm.shape, name, exact=gmm, dtype=torch.float64)

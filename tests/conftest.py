@@ -27,3 +27,11 @@ def model():
 def x_T():
     """Three fixed float64 starts for the digits testbed."""
     return torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+@pytest.fixture(scope="session")
+def fit_model():
+    """The six-component mixture as a FitModel with exact references: what the fitted-solver tests fit to."""
+    from diffsamplers.testing import small_fit_model
+
+    return small_fit_model()

@@ -17,12 +17,6 @@ from diffsamplers.train.bespoke import _initial, train_bespoke
 
 
 @pytest.fixture(scope="module")
-def fit_model():
-    gmm = small_mixture()
-    return FitModel(gmm, dict(TESTBED_CONFIG), gmm.shape, "testbed:small", exact=gmm, dtype=torch.float64)
-
-
-@pytest.fixture(scope="module")
 def banks(fit_model):
     train = build_bank(fit_model, list(range(1000, 1012)), reference_steps=40, progress=False)
     val = build_bank(fit_model, list(range(1500, 1512)), reference_steps=40, progress=False)

@@ -19,19 +19,14 @@ def one_line_error(capsys) -> str:
 @pytest.fixture
 def small_testbed(monkeypatch):
     """``--model testbed`` fits the six-component mixture (exact references in milliseconds, not seconds)."""
-    import torch
 
-    from diffsamplers.eval.testbed import TESTBED_CONFIG
-    from diffsamplers.testing import small_mixture
-    from diffsamplers.train import FitModel, fit_cli
+    from diffsamplers.testing import small_fit_model
+    from diffsamplers.train import fit_cli
 
     real = fit_cli.load_fit_model
 
     def load(model, device="cpu"):
-        if model != "testbed":
-            return real(model, device)
-        gmm = small_mixture()
-        return FitModel(gmm, dict(TESTBED_CONFIG), gmm.shape, "testbed:digits", exact=gmm, dtype=torch.float64)
+        return small_fit_model("testbed:digits") if model == "testbed" else real(model, device)
 
     monkeypatch.setattr(fit_cli, "load_fit_model", load)
 

@@ -14,12 +14,6 @@ from diffsamplers.train.olss import fit_olss, ridge_lstsq, search_path
 
 
 @pytest.fixture(scope="module")
-def fit_model():
-    gmm = small_mixture()
-    return FitModel(gmm, dict(TESTBED_CONFIG), gmm.shape, "testbed:small", exact=gmm, dtype=torch.float64)
-
-
-@pytest.fixture(scope="module")
 def banks(fit_model):
     train = build_bank(fit_model, list(range(1000, 1012)), reference_steps=40, progress=False)
     test = build_bank(fit_model, list(range(2000, 2012)), reference_steps=40, progress=False)

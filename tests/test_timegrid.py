@@ -9,15 +9,8 @@ from diffusers import DPMSolverMultistepScheduler
 
 from diffsamplers.eval.testbed import TESTBED_CONFIG
 from diffsamplers.samplers.learned_timesteps import LearnedTimestepsScheduler
-from diffsamplers.testing import small_mixture
-from diffsamplers.train.bank import FitModel, build_bank, evaluate, sample_loop
+from diffsamplers.train.bank import build_bank, evaluate, sample_loop
 from diffsamplers.train.timegrid import _timesteps_from_theta, base_scheduler, fit_timesteps, load_learned_grid
-
-
-@pytest.fixture(scope="module")
-def fit_model():
-    gmm = small_mixture()
-    return FitModel(gmm, dict(TESTBED_CONFIG), gmm.shape, "testbed:small", exact=gmm, dtype=torch.float64)
 
 
 @pytest.fixture(scope="module")
