@@ -115,13 +115,6 @@ class LearnedTimestepsScheduler(DPMSolverMultistepScheduler):
 def _check_grid(grid: Any, num_train_timesteps: int) -> None:
     if grid is None:
         return
-    if (
-        not isinstance(grid, (list, tuple))
-        or not grid
-        or any(isinstance(t, bool) or not isinstance(t, int) for t in grid)
-        or any(a <= b for a, b in zip(grid, grid[1:]))
-        or not 0 <= grid[-1] <= grid[0] < num_train_timesteps
-    ):
-        raise ValueError(
-            f"learned_timesteps must be strictly decreasing integers in [0, {num_train_timesteps}), got {grid!r}"
-        )
+    if not isinstance(grid, (list, tuple)) or any(isinstance(t, bool) or not isinstance(t, int) for t in grid):
+        raise ValueError(f"learned_timesteps must be a list of integer timesteps, got {grid!r}")
+    check_custom_timesteps(grid, num_train_timesteps, "learned_timesteps")
