@@ -21,6 +21,10 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     assert not errors
 
 
+def test_the_shipped_notebooks_are_all_run():
+    assert {"sampler_tour"} <= {p.stem for p in NOTEBOOKS}  # notebooks/sampler_tour.ipynb among the runs above
+
+
 def test_notebooks_are_committed_without_outputs():
     """Outputs would go stale (and bloat the repository): the tests run them, readers run them."""
     import nbformat

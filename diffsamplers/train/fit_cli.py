@@ -63,7 +63,8 @@ def load_fit_model(model: str, device: Any = "cpu") -> Any:
     if model == "digits":
         from ..models.digits import load_digits_pipeline
 
-        unet, config, name = load_digits_pipeline(device=device).unet, None, "diffsamplers/digits-ddpm"
+        pipe = load_digits_pipeline(device=device)
+        unet, config, name = pipe.unet, pipe.scheduler.config, "diffsamplers/digits-ddpm"
     else:
         from diffusers import DDPMScheduler, UNet2DModel
 
@@ -75,10 +76,6 @@ def load_fit_model(model: str, device: Any = "cpu") -> Any:
                              "conditional ones from Python with a FitModel that holds the condition (call_kwargs)")
         unet = UNet2DModel.from_pretrained(model, subfolder="unet", use_safetensors=True).to(device)
         config, name = DDPMScheduler.load_config(model, subfolder="scheduler"), os.path.abspath(model)
-    if config is None:
-        from ..models.digits import load_digits_pipeline
-
-        config = load_digits_pipeline().scheduler.config
     config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
     config.update(timestep_spacing="trailing", clip_sample=False)
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
