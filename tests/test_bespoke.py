@@ -10,10 +10,11 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler
 
 from diffsamplers.eval.testbed import TESTBED_CONFIG
+from diffsamplers.models import GaussianMixtureModel
 from diffsamplers.samplers.bespoke import BespokeScheduler, ot_velocity
 from diffsamplers.testing import small_mixture
 from diffsamplers.train.bank import FitModel, build_bank, evaluate, sample_loop
-from diffsamplers.train.bespoke import _initial, train_bespoke
+from diffsamplers.train.bespoke import _initial, _params, bound_loss, train_bespoke
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +147,57 @@ def test_train_resume_gives_the_same_result(fit_model, banks, tmp_path):
     assert again.config.t == resumed.config.t and again.config.s == resumed.config.s  # the budget is spent
 
 
+def _gaussian_fit_model(std=0.5):
+    gmm = GaussianMixtureModel(torch.zeros(1, 1, 4, 4), torch.tensor([std]), scheduler_config=TESTBED_CONFIG)
+    return FitModel(gmm, dict(TESTBED_CONFIG), gmm.shape, "gaussian", exact=gmm, dtype=torch.float64)
+
+
+def _random_solver(solver_type, nfe, seed, spread=0.4):
+    n = nfe // 2 if solver_type == "rk2" else nfe
+    tau0, t_dot0 = _initial(dict(TESTBED_CONFIG), solver_type, n)
+    theta = np.random.default_rng(seed).normal(0.0, spread, 4 * len(t_dot0))
+    return BespokeScheduler.from_config(TESTBED_CONFIG, solver_type=solver_type, num_steps=n,
+                                        **_params(theta, tau0, t_dot0))
+
+
+def _per_sample_error(scheduler, model, bank):
+    return (sample_loop(scheduler, model, bank.x_T) - bank.final).reshape(len(bank), -1).pow(2).mean(1).sqrt()
+
+
+@pytest.mark.parametrize("solver_type", ["rk1", "rk2"])
+def test_bound_dominates_the_global_error(solver_type):
+    """Spec B5: for Gaussian data N(0, c^2 I) the OT velocity is ``(tau c^2 - (1 - tau)) / v(tau) y`` with
+    ``v = tau^2 c^2 + (1 - tau)^2``; with ``L_tau`` its sup over the path the bound holds for every sample."""
+    model = _gaussian_fit_model(0.5)
+    bank = build_bank(model, list(range(3000, 3008)), reference_steps=400, progress=False)
+    tau = np.linspace(0.0, 1.0, 100001)
+    c2 = 0.25
+    lipschitz = float(np.max(np.abs(tau * c2 - (1 - tau)) / (tau**2 * c2 + (1 - tau) ** 2))) * 1.001
+    for seed in range(4):
+        scheduler = _random_solver(solver_type, 4, seed)
+        bound = bound_loss(scheduler, model, bank, lipschitz)
+        error = _per_sample_error(scheduler, model, bank)
+        assert bool((bound >= error).all()), (seed, bound, error)
+        assert float(error.mean()) > 1e-3  # a solver far from exact: the check is not vacuous
+
+
+@pytest.mark.parametrize(("solver_type", "nfe"), [("rk1", 1), ("rk2", 2)])
+def test_one_step_bound_is_the_global_error(fit_model, banks, solver_type, nfe):
+    """With one step the only local error starts at x_T, on the path: the bound equals the global error exactly
+    (checks the reference points at both ends and the step the bound replays)."""
+    scheduler = _random_solver(solver_type, nfe, 7)
+    bound = bound_loss(scheduler, fit_model, banks[0])
+    torch.testing.assert_close(bound, _per_sample_error(scheduler, fit_model, banks[0]), rtol=1e-10, atol=1e-12)
+
+
+def test_training_on_the_bound_reduces_held_out_error(fit_model, banks):
+    fitted = train_bespoke(fit_model, banks[0], 4, solver_type="rk1", loss="bound", val_bank=banks[1],
+                           iterations=40, progress=False)
+    start = evaluate(BespokeScheduler.from_config(TESTBED_CONFIG, solver_type="rk1"), fit_model, banks[2], 4)
+    assert evaluate(fitted, fit_model, banks[2]) < start
+    assert fitted.config.fit_info["loss"] == "bound" and fitted.config.fit_info["lipschitz"] == 1.0
+
+
 def test_train_arguments_are_checked(fit_model, banks):
     with pytest.raises(ValueError, match="nfe must be even"):
         train_bespoke(fit_model, banks[0], 5, solver_type="rk2", progress=False)
@@ -155,6 +207,8 @@ def test_train_arguments_are_checked(fit_model, banks):
         train_bespoke(fit_model, banks[0], 4, loss="l1", progress=False)
     with pytest.raises(ValueError, match="lr"):
         train_bespoke(fit_model, banks[0], 4, lr=-1.0, progress=False)
+    with pytest.raises(ValueError, match="lipschitz"):
+        train_bespoke(fit_model, banks[0], 4, loss="bound", lipschitz=0.0, progress=False)
 
 
 def test_save_load_round_trip(fitted, fit_model, tmp_path):

@@ -213,6 +213,16 @@ class BespokeScheduler(DiffSamplersScheduler):
         self._begin_index = None
         self._reset_state()
 
+    def stage_grid(self) -> dict:
+        """The grid of the current run (after :meth:`set_timesteps`): per grid point ``j`` the OT time ``tau``, the
+        native ``alpha``/``sigma`` (float64), the stage ``timesteps``, and the parameters ``t_dot``, ``s``, ``s_dot``
+        with the grid spacing ``h`` (half a step for RK2). What a fit's local-error loss needs."""
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps before stage_grid")
+        alpha, sigma = self._alpha, self._sigma
+        return dict(tau=alpha / (alpha + sigma), alpha=alpha, sigma=sigma, timesteps=self.timesteps,
+                    t_dot=list(self._t_dot), s=list(self._s), s_dot=list(self._s_dot), h=self._h)
+
     def set_begin_index(self, begin_index: int = 0) -> None:
         if self.is_fitted or (self.config.solver_type == "rk2" and begin_index % 2):
             refuse_begin_index(type(self).__name__, begin_index)

@@ -277,6 +277,47 @@ def build_bank(
     return bank
 
 
+def reference_states(bank: TrajectoryBank, config: dict, tau: Any, prediction_type: str) -> torch.Tensor:
+    """The bank's reference trajectories at OT times ``tau`` in OT coordinates, shape ``(N, len(tau), C, H, W)``.
+
+    OT coordinates (Shaul et al., arXiv 2310.19075, Sec. 2.4 / Thm 2.3): ``tau = alpha / (alpha + sigma)`` and
+    ``y = x / (alpha + sigma)``, where ``dy / dtau = x0_hat - eps_hat`` is bounded for every model type. Between two
+    recorded points the path is the cubic Hermite interpolant of ``y`` and that velocity (the dense output Bespoke's
+    paper suggests for a cached bank, Sec. 4); on the last interval, which ends at the clean final with no model call
+    there, the quadratic through both ends with the start's velocity. Exact at the recorded points.
+    """
+    from ..schedule import NoiseSchedule, to_x0_eps
+
+    tau = torch.as_tensor(tau, dtype=torch.float64).reshape(-1)
+    alpha, sigma = NoiseSchedule.from_config(config).alpha_sigma(bank.timesteps.double())
+    nodes = alpha / (alpha + sigma)
+    shape = (-1,) + (1,) * (bank.states.dim() - 2)
+    scale = (alpha + sigma).reshape(1, *shape)
+    x0, eps = to_x0_eps(bank.outputs.double(), bank.states.double(), alpha.reshape(1, *shape),
+                        sigma.reshape(1, *shape), prediction_type)
+    y, u = bank.states.double() / scale, x0 - eps
+    # the clean end: tau = 1 (alpha = 1, sigma = 0) where the reference final lives
+    nodes = torch.cat([nodes, torch.ones(1, dtype=torch.float64)])
+    y = torch.cat([y, bank.final.double()[:, None]], 1)
+    if float(tau.min()) < float(nodes[0]) - 1e-9 or float(tau.max()) > 1.0 + 1e-12:
+        raise ValueError(f"tau must lie in the bank's range [{float(nodes[0]):.6g}, 1], got "
+                         f"[{float(tau.min()):.6g}, {float(tau.max()):.6g}]")
+    last = len(nodes) - 2
+    k = (torch.searchsorted(nodes, tau.contiguous(), right=True) - 1).clamp(0, last)
+    out = []
+    for j, kj in enumerate(k.tolist()):
+        t0, t1 = float(nodes[kj]), float(nodes[kj + 1])
+        width, d = t1 - t0, float(tau[j]) - t0
+        y0, y1, u0 = y[:, kj], y[:, kj + 1], u[:, kj]
+        if kj == last:
+            out.append(y0 + u0 * d + (y1 - y0 - u0 * width) * (d / width) ** 2)
+            continue
+        u1, s = u[:, kj + 1], d / width
+        h00, h10, h01, h11 = 2 * s**3 - 3 * s**2 + 1, s**3 - 2 * s**2 + s, -2 * s**3 + 3 * s**2, s**3 - s**2
+        out.append(h00 * y0 + h10 * width * u0 + h01 * y1 + h11 * width * u1)
+    return torch.stack(out, 1)
+
+
 def evaluate(scheduler: Any, model: Callable, bank: TrajectoryBank, steps: int | None = None, **kw: Any) -> float:
     """RMSE of a scheduler's samples from the bank's noises against the bank's reference finals."""
     return rmse(sample_loop(scheduler, model, bank.x_T, steps, **kw), bank.final)
