@@ -1,0 +1,264 @@
+"""invert / reconstruct / edit: exact BDIA and EDICT round trips on the bundled latent model, the tiny SD and flow
+pipelines; the DDIM and Euler baselines against diffusers' own schedulers and pipelines; argument checks."""
+
+import dataclasses
+
+import pytest
+import torch
+from diffusers import DDIMInverseScheduler, DDIMScheduler, EDMEulerScheduler
+
+from diffsamplers.models.digits import digits_split, load_digits_images
+from diffsamplers.models.digits_latent import load_digits_latent_pipeline, upsample_digits
+from diffsamplers.pipelines.inversion import Inversion, decode_images, edit, encode_images, invert, reconstruct
+from diffsamplers.testing import (
+    tiny_flow_embeddings,
+    tiny_flow_pipeline,
+    tiny_stable_diffusion_pipeline,
+    tiny_unet_pipeline,
+)
+
+# the largest round-trip latent error seen on these tests (float64, 10 steps): BDIA 7e-14 (DiT, guidance 3) and
+# 2e-12 (tiny SD, guidance 7.5); EDICT 3e-11 (DiT) and 4e-12 (tiny SD)
+EXACT = 1e-8
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def dit():
+    return load_digits_latent_pipeline()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    images, labels = load_digits_images()
+    _, test_idx = digits_split()
+    idx = test_idx[:3]
+    return upsample_digits(images[idx]), labels[idx].tolist()
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return tiny_stable_diffusion_pipeline()
+
+
+@pytest.fixture(scope="module")
+def sd_inputs():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    embeds = torch.randn(2, 77, 16, generator=g)
+    return images, {"prompt_embeds": embeds, "negative_prompt_embeds": torch.zeros_like(embeds)}
+
+
+@pytest.fixture(scope="module")
+def flow():
+    return tiny_flow_pipeline()
+
+
+def max_error(a, b):
+    return float((a.double() - b.double()).abs().max())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# exact round trips
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["bdia", "edict"])
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0, 7.5])
+def test_exact_round_trip_on_the_bundled_latent_model(dit, digits, method, guidance_scale):
+    images, labels = digits
+    inv = invert(dit, images, method=method, num_inference_steps=10, guidance_scale=guidance_scale,
+                 class_labels=labels)
+    assert inv.latents.dtype == torch.float64 and inv.pair_latents is not None
+    assert dit.transformer.dtype == torch.float32  # the denoiser is cast back after the run
+    latents = reconstruct(dit, inv, output_type="latent")
+    assert max_error(latents, inv.source_latents) < EXACT
+    # the reconstruction is the VAE's reconstruction of the input, to the decoder's precision
+    vae_recon = decode_images(dit, encode_images(dit, images))
+    assert max_error(reconstruct(dit, inv), vae_recon) < 1e-5
+    # while the inverted latent is not the input's (it is noise-like)
+    assert max_error(inv.latents, inv.source_latents) > 0.5
+
+
+@pytest.mark.parametrize("method", ["bdia", "edict"])
+@pytest.mark.parametrize("guidance_scale", [1.0, 7.5])
+def test_exact_round_trip_on_the_tiny_stable_diffusion_pipeline(sd, sd_inputs, method, guidance_scale):
+    images, condition = sd_inputs
+    inv = invert(sd, images, method=method, num_inference_steps=8, guidance_scale=guidance_scale, **condition)
+    assert max_error(reconstruct(sd, inv, output_type="latent"), inv.source_latents) < EXACT
+    assert max_error(reconstruct(sd, inv), decode_images(sd, encode_images(sd, images))) < 1e-5
+
+
+def test_prompts_are_encoded_with_the_pipelines_text_encoder(sd, sd_inputs):
+    images, _ = sd_inputs
+    inv = invert(sd, images, method="bdia", num_inference_steps=4, guidance_scale=3.0, prompt="a digit")
+    assert inv.condition == {"prompt": "a digit"}
+    assert max_error(reconstruct(sd, inv, output_type="latent"), inv.source_latents) < EXACT
+    # another prompt gives another (guided) output, so the reconstruction is not exact
+    other = edit(sd, inv, prompt="zebra", output_type="latent")
+    assert max_error(other, inv.source_latents) > 1e-4
+
+
+@pytest.mark.parametrize("method", ["bdia", "edict"])
+def test_flow_round_trip_is_exact_and_euler_inversion_is_not(flow, method):
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
+    condition = tiny_flow_embeddings(1)
+    inv = invert(flow, images, method=method, num_inference_steps=4, guidance_scale=5.0, **condition)
+    assert max_error(reconstruct(flow, inv, output_type="latent"), inv.source_latents) < EXACT
+    euler = invert(flow, images, method="ddim", num_inference_steps=4, guidance_scale=5.0, **condition)
+    assert max_error(reconstruct(flow, euler, output_type="latent"), euler.source_latents) > 1e-3
+
+
+def test_exactness_needs_the_same_guidance_in_both_directions(dit, digits):
+    images, labels = digits
+    inv = invert(dit, images, method="bdia", num_inference_steps=10, guidance_scale=3.0, class_labels=labels)
+    same = edit(dit, inv, class_labels=labels, output_type="latent")
+    assert torch.equal(same, reconstruct(dit, inv, output_type="latent"))
+    # a scale 1e-3 off breaks the round trip far above round-off
+    assert max_error(edit(dit, inv, class_labels=labels, guidance_scale=3.001, output_type="latent"),
+                     inv.source_latents) > 1e-6
+
+
+def test_class_swap_edit_changes_the_image(dit, digits):
+    images, labels = digits
+    inv = invert(dit, images, method="bdia", num_inference_steps=10, guidance_scale=3.0, class_labels=labels)
+    swapped = [(c + 1) % 10 for c in labels]
+    edited = edit(dit, inv, class_labels=swapped)
+    assert edited.shape == images.shape
+    assert max_error(edited, decode_images(dit, inv.source_latents)) > 0.3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the baselines are diffusers' own
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_ddim_inversion_is_diffusers_ddim_inverse_scheduler(sd, sd_inputs):
+    images, condition = sd_inputs
+    inv = invert(sd, images, method="ddim", num_inference_steps=5, guidance_scale=7.5, **condition)
+    # the loop diffusers users write: the model at the destination label t on the latent at t - T // N
+    scheduler = DDIMInverseScheduler.from_config(sd.scheduler.config)
+    scheduler.set_timesteps(5)
+    z = encode_images(sd, images)
+    unet = sd.unet.double()
+    cond = torch.cat([condition["negative_prompt_embeds"], condition["prompt_embeds"]]).double()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            uncond_eps, cond_eps = unet(torch.cat([z, z]), t, encoder_hidden_states=cond).sample.chunk(2)
+            z = scheduler.step(uncond_eps + 7.5 * (cond_eps - uncond_eps), t, z).prev_sample
+    sd.unet.float()
+    assert max_error(inv.latents, z) < 1e-12
+    assert torch.equal(inv.timesteps, scheduler.timesteps.flip(0))
+
+
+def test_ddim_reconstruction_is_the_stock_pipeline_from_the_inverted_latent(sd, sd_inputs):
+    images, condition = sd_inputs
+    inv = invert(sd, images, method="ddim", num_inference_steps=5, guidance_scale=7.5, dtype=torch.float32,
+                 **condition)
+    ours = reconstruct(sd, inv, output_type="latent")
+    assert isinstance(sd.scheduler, DDIMScheduler)
+    stock = sd(latents=inv.latents, num_inference_steps=5, guidance_scale=7.5, height=32, width=32,
+               output_type="latent", **condition).images
+    assert max_error(ours, stock) < 1e-4
+
+
+def test_euler_reconstruction_is_the_stock_flow_pipeline(flow):
+    condition = tiny_flow_embeddings(1)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    inv = invert(flow, latents, method="ddim", num_inference_steps=4, guidance_scale=5.0, dtype=torch.float32,
+                 **condition)
+    ours = reconstruct(flow, inv, output_type="latent")
+    stock = flow(latents=inv.latents, num_inference_steps=4, guidance_scale=5.0, height=32, width=32,
+                 output_type="latent", **condition).images
+    assert max_error(ours, stock) < 1e-4
+
+
+def test_ddim_round_trip_drifts_more_with_guidance(dit, digits):
+    images, labels = digits
+    errors = []
+    for scale in (1.0, 7.5):
+        inv = invert(dit, images, method="ddim", num_inference_steps=10, guidance_scale=scale, class_labels=labels)
+        errors.append(max_error(reconstruct(dit, inv, output_type="latent"), inv.source_latents))
+    assert errors[0] > 1e-3 and errors[1] > errors[0]
+
+
+def test_inversion_records_the_constant_scale_by_timestep(dit, digits):
+    images, labels = digits
+    inv = invert(dit, images, method="ddim", num_inference_steps=4, guidance_scale=3.0, class_labels=labels)
+    assert isinstance(inv, Inversion) and inv.model_calls == 8  # 4 steps x (conditional + unconditional)
+    assert sorted(inv.guidance_scales) == sorted(float(t) for t in inv.timesteps)
+    assert all(torch.equal(v, torch.full((3,), 3.0, dtype=torch.float64)) for v in inv.guidance_scales.values())
+    # the bundled config's "linspace" spacing becomes "trailing" (DDIMInverseScheduler has no "linspace")
+    assert inv.settings["timestep_spacing"] == "trailing" and int(inv.timesteps[0]) == 999
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# refusals
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_refusals_name_the_argument(dit, digits, sd, sd_inputs):
+    images, labels = digits
+    with pytest.raises(ValueError, match="eta"):
+        invert(dit, images, method="bdia", eta=0.5, class_labels=labels)
+    with pytest.raises(ValueError, match="method"):
+        invert(dit, images, method="nti", class_labels=labels)
+    with pytest.raises(ValueError, match="gamma"):
+        invert(dit, images, method="bdia", gamma=0.0, class_labels=labels)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        invert(dit, images, method="bdia", num_inference_steps=1, class_labels=labels)
+    # a condition the pipeline cannot take
+    with pytest.raises(TypeError, match="prompt"):
+        invert(dit, images, prompt="a seven")
+    with pytest.raises(TypeError, match="class_labels"):
+        invert(sd, sd_inputs[0], class_labels=[1, 2])
+    with pytest.raises(ValueError, match="class_labels"):
+        invert(dit, images, class_labels=[1, 2])  # 3 images
+    with pytest.raises(ValueError, match="class_labels"):
+        invert(dit, images, class_labels=[1000, 1, 2])  # the null class is not a condition
+    with pytest.raises(ValueError, match="class_labels"):
+        invert(dit, images)
+    # mismatched image sizes
+    with pytest.raises(ValueError, match="8x8"):
+        invert(dit, torch.zeros(1, 1, 8, 8), class_labels=[1])
+    with pytest.raises(ValueError, match="divisible"):
+        invert(sd, torch.zeros(2, 3, 31, 31), **sd_inputs[1])
+    with pytest.raises(ValueError, match="latents"):
+        invert(sd, torch.zeros(2, 4, 15, 15), **sd_inputs[1])  # the UNet halves the latents once
+    with pytest.raises(ValueError, match="channels"):
+        invert(dit, torch.zeros(1, 2, 16, 16), class_labels=[1])
+    with pytest.raises(TypeError, match="images_or_latents"):
+        invert(dit, images.numpy(), class_labels=labels)
+
+
+def test_unsupported_pipelines_and_schedulers_are_refused(dit, digits):
+    images, labels = digits
+    with pytest.raises(TypeError, match="pipe"):
+        invert(tiny_unet_pipeline(), torch.zeros(1, 3, 8, 8))
+    original = dit.scheduler
+    try:
+        dit.scheduler = EDMEulerScheduler()
+        with pytest.raises(ValueError, match="pipe.scheduler"):
+            invert(dit, images, class_labels=labels)
+    finally:
+        dit.scheduler = original
+
+
+def test_reconstruct_checks_its_inputs(dit, digits, sd):
+    images, labels = digits
+    inv = invert(dit, images, method="ddim", num_inference_steps=3, class_labels=labels)
+    with pytest.raises(TypeError, match="inversion"):
+        reconstruct(dit, inv.latents)
+    with pytest.raises(ValueError, match="inversion"):
+        reconstruct(sd, inv)
+    with pytest.raises(ValueError, match="output_type"):
+        reconstruct(dit, inv, output_type="pil")
+    with pytest.raises(ValueError, match="condition"):
+        edit(dit, inv)
+    with pytest.raises(ValueError, match="grid"):
+        reconstruct(dit, dataclasses.replace(inv, timesteps=inv.timesteps + 1))
