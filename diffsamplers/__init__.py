@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     "BDIAEDMScheduler": "samplers",
     "BDIAInverseOutput": "samplers",
     "BDIAScheduler": "samplers",
+    "BNSScheduler": "samplers",
     "BespokeScheduler": "samplers",
     "DualFastScheduler": "samplers",
     "LMLScheduler": "samplers",

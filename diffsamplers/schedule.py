@@ -382,6 +382,39 @@ def ddim_step(
     return a_n * x0 + _sqrt_nonneg(s_n**2 - std**2) * eps + std * noise.to(x0.dtype)
 
 
+def ot_velocity(
+    model_output: torch.Tensor, sample: torch.Tensor, alpha: Any, sigma: Any, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, u)``: the state in conditional-OT coordinates, ``y = x / (alpha + sigma)``, and its velocity
+    ``dy / dtau = x0_hat - eps_hat`` in OT time ``tau = alpha / (alpha + sigma)``.
+
+    Every Gaussian path is a scale-time change of the OT path (Shaul et al., arXiv 2310.19075, Thm 2.3); there
+    ``y = tau x0 + (1 - tau) eps``, the velocity is bounded at both ends for every model type, and one Euler step
+    is one DDIM step. Learned solvers (Bespoke, BNS) work in these coordinates.
+    """
+    x0, eps = to_x0_eps(model_output, sample, alpha, sigma, prediction_type)
+    return sample / (_bcast(alpha, sample) + _bcast(sigma, sample)), x0 - eps
+
+
+def native_from_ot(schedule: "NoiseSchedule", tau: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(timestep, alpha, sigma)`` (float64) of OT times ``tau`` on ``schedule``: the inverse of
+    ``tau = alpha / (alpha + sigma)``. Flow: ``sigma = 1 - tau``; VP: the (float) timestep of the same log-SNR, with
+    ``alpha^2 + sigma^2 = 1``; ``tau = 1`` is the clean end (timestep -1), ``tau = 0`` pure noise."""
+    tau = torch.as_tensor(tau, dtype=torch.float64).cpu()
+    if schedule.family == "flow":
+        sigma = 1.0 - tau
+        return sigma * schedule.num_train_timesteps, tau, sigma
+    if schedule.family != "vp":
+        raise ValueError(f"OT times are defined here for VP and flow schedules, not {schedule.family!r}")
+    ts = schedule.timestep_from_lambda(torch.log(tau) - torch.log1p(-tau.clamp(max=1 - 1e-300)))
+    ts = torch.where((ts - ts.round()).abs() < 1e-6, ts.round(), ts)
+    ts = torch.where(tau >= 1, torch.full_like(ts, -1.0), ts)
+    # tau = 0 is pure noise (zero-terminal-SNR schedules reach it at their last training timestep)
+    ts = torch.where(tau <= 0, torch.full_like(ts, schedule.num_train_timesteps - 1.0), ts)
+    scale = torch.rsqrt(tau**2 + (1 - tau) ** 2)  # alpha + sigma with alpha^2 + sigma^2 = 1
+    return ts, tau * scale, (1 - tau) * scale
+
+
 def edm_preconditioning(sigma: Any, sigma_data: float, prediction_type: str = "epsilon") -> tuple[Any, Any, Any]:
     """EDM's ``(c_in, c_skip, c_out)`` at noise level ``sigma`` (Karras et al. 2022, Table 1), as diffusers' EDM
     schedulers use them: the network sees ``c_in x`` and ``D(x; sigma) = c_skip x + c_out F``; ``"v_prediction"``

@@ -291,3 +291,25 @@ def small_fit_model(name: str = "testbed:small"):
 
     gmm = small_mixture()
     return FitModel(gmm, dict(TESTBED_CONFIG), gmm.shape, name, exact=gmm, dtype=torch.float64)
+
+
+def float64_ddim(config: dict, steps: int):
+    """``DDIMScheduler`` on ``config`` at ``steps`` with float64 tables: an exact reference for the DDIM reductions
+    of the fitted solvers (diffusers keeps ``alphas_cumprod`` in float32)."""
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler.from_config(config)
+    ddim.set_timesteps(steps)
+    ddim.alphas_cumprod = ddim.alphas_cumprod.double()
+    ddim.final_alpha_cumprod = ddim.final_alpha_cumprod.double()
+    return ddim
+
+
+def ddim_reference(config: dict, model: Any, x_T: torch.Tensor, steps: int) -> torch.Tensor:
+    """The float64 DDIM (``eta = 0``) solve from ``x_T`` with ``model(x, t) -> output``."""
+    ddim = float64_ddim(config, steps)
+    x = x_T.clone()
+    for t in ddim.timesteps:
+        x = ddim.step(model(x, t), t, x).prev_sample
+    return x
+

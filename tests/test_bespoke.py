@@ -7,12 +7,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler
+from diffusers import DDIMPipeline
 
 from diffsamplers.eval.testbed import TESTBED_CONFIG
 from diffsamplers.models import GaussianMixtureModel
 from diffsamplers.samplers.bespoke import BespokeScheduler, ot_velocity
-from diffsamplers.testing import small_mixture
+from diffsamplers.testing import ddim_reference, small_mixture
 from diffsamplers.train.bank import FitModel, build_bank, evaluate, sample_loop
 from diffsamplers.train.bespoke import _initial, _params, bound_loss, train_bespoke
 
@@ -23,14 +23,6 @@ def banks(fit_model):
     val = build_bank(fit_model, list(range(1500, 1512)), reference_steps=40, progress=False)
     test = build_bank(fit_model, list(range(2000, 2016)), reference_steps=40, progress=False)
     return train, val, test
-
-
-def _ddim64(config, steps):
-    ddim = DDIMScheduler.from_config(config)
-    ddim.set_timesteps(steps)
-    ddim.alphas_cumprod = ddim.alphas_cumprod.double()  # float64 tables: the reference is then exact
-    ddim.final_alpha_cumprod = ddim.final_alpha_cumprod.double()
-    return ddim
 
 
 def _noise(n, shape, seed=0):
@@ -44,10 +36,7 @@ def test_unfitted_rk1_is_ddim(prediction_type):
     fm = FitModel(gmm, config, gmm.shape, "t", dtype=torch.float64)
     x_T = _noise(3, gmm.shape)
     ours = sample_loop(BespokeScheduler.from_config(config, solver_type="rk1"), fm, x_T, 6)
-    ddim = _ddim64(config, 6)
-    x = x_T.clone()
-    for t in ddim.timesteps:
-        x = ddim.step(fm(x, t), t, x).prev_sample
+    x = ddim_reference(config, fm, x_T, 6)
     assert float((ours - x).abs().max()) < 1e-10
 
 

@@ -33,6 +33,7 @@ from diffsamplers import (
     BDIAEDMScheduler,
     BDIAScheduler,
     BespokeScheduler,
+    BNSScheduler,
     DualFastScheduler,
     GaussianStats,
     LearnedTimestepsScheduler,
@@ -97,6 +98,16 @@ def _family_reference(vp: type, flow: type, defaults: dict[str, Any] | None = No
     return build
 
 
+def _fitted_bns(config: Any) -> BNSScheduler:
+    """A fitted-looking BNS at STEPS from the config's noisiest level (weights are not Euler's)."""
+    probe = BNSScheduler.from_config(config)
+    probe.set_timesteps(STEPS)
+    start = probe.ot_times()[0]
+    return BNSScheduler.from_config(
+        config, num_steps=STEPS, t=[start + (1 - start) * (i / STEPS) ** 1.5 for i in range(STEPS + 1)],
+        a=[1.0 - 0.01 * i for i in range(STEPS)], b=[[0.1 / (i + 1)] * (i + 1) for i in range(STEPS)])
+
+
 CASES = [
     Case("BDIAScheduler", lambda c: BDIAScheduler.from_config(c, gamma=0.0),
          _family_reference(DDIMScheduler, FlowMatchEulerDiscreteScheduler, {"clip_sample": False}),
@@ -135,6 +146,10 @@ CASES = [
          _family_reference(DDIMScheduler, FlowMatchEulerDiscreteScheduler, {"clip_sample": False}),
          {**VP_CONFIGS, **FLOW_CONFIGS}, signature=DDIMScheduler,
          active=lambda c: BespokeScheduler.from_config(c, solver_type="rk2")),
+    # unfitted BNS is DDIM (Euler in OT coordinates); active: a fitted one at STEPS (non-stationary weights)
+    Case("BNSScheduler", BNSScheduler.from_config,
+         _family_reference(DDIMScheduler, FlowMatchEulerDiscreteScheduler, {"clip_sample": False}),
+         {**VP_CONFIGS, **FLOW_CONFIGS}, signature=DDIMScheduler, active=lambda c: _fitted_bns(c)),
     Case("SLAMScheduler", lambda c: SLAMScheduler.from_config(c, renoise="deterministic"),
          lambda c: SLAMScheduler.from_config(c, renoise="tcd", tcd_eta=0.0), VP_CONFIGS, signature=LCMScheduler),
 ]

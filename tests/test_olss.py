@@ -4,11 +4,11 @@ import warnings
 
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMPipeline, DPMSolverMultistepScheduler
 
 from diffsamplers.eval.testbed import TESTBED_CONFIG
 from diffsamplers.samplers.olss import OLSSScheduler
-from diffsamplers.testing import small_mixture
+from diffsamplers.testing import ddim_reference, float64_ddim, small_mixture
 from diffsamplers.train.bank import FitModel, TrajectoryBank, build_bank, evaluate, record_trajectories, sample_loop
 from diffsamplers.train.olss import fit_olss, ridge_lstsq, search_path
 
@@ -21,19 +21,11 @@ def banks(fit_model):
 
 
 def _ddim64(steps):
-    ddim = DDIMScheduler.from_config(TESTBED_CONFIG)
-    ddim.set_timesteps(steps)
-    ddim.alphas_cumprod = ddim.alphas_cumprod.double()  # float64 tables: the reference is then exact
-    ddim.final_alpha_cumprod = ddim.final_alpha_cumprod.double()
-    return ddim
+    return float64_ddim(TESTBED_CONFIG, steps)
 
 
 def _ddim_loop(fit_model, x_T, steps):
-    ddim = _ddim64(steps)
-    x = x_T.clone()
-    for t in ddim.timesteps:
-        x = ddim.step(fit_model(x, t), t, x).prev_sample
-    return x
+    return ddim_reference(TESTBED_CONFIG, fit_model, x_T, steps)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
@@ -43,13 +35,7 @@ def test_unfitted_is_ddim_expanded_exactly(prediction_type):
     fm = FitModel(gmm, config, gmm.shape, "t", dtype=torch.float64)
     x_T = torch.randn(3, *gmm.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ours = sample_loop(OLSSScheduler.from_config(config), fm, x_T, 6)
-    ddim = DDIMScheduler.from_config(config)
-    ddim.set_timesteps(6)
-    ddim.alphas_cumprod = ddim.alphas_cumprod.double()
-    ddim.final_alpha_cumprod = ddim.final_alpha_cumprod.double()
-    x = x_T.clone()
-    for t in ddim.timesteps:
-        x = ddim.step(fm(x, t), t, x).prev_sample
+    x = ddim_reference(config, fm, x_T, 6)
     assert float((ours - x).abs().max()) < 1e-10
 
 

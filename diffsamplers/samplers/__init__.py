@@ -4,6 +4,7 @@ from .base import DiffSamplersScheduler, DiffSamplersSchedulerOutput
 from .bdia import BDIAInverseOutput, BDIAScheduler
 from .bdia_edm import BDIAEDMPredictorOutput, BDIAEDMScheduler
 from .bespoke import BespokeScheduler
+from .bns import BNSScheduler
 from .dualfast import DualFastScheduler
 from .gaussian_teleport import GaussianStatsLike, frame_coeffs, latent_frame, teleport
 from .learned_timesteps import LearnedTimestepsScheduler
@@ -17,6 +18,7 @@ __all__ = [
     "BDIAEDMScheduler",
     "BDIAInverseOutput",
     "BDIAScheduler",
+    "BNSScheduler",
     "BespokeScheduler",
     "DiffSamplersScheduler",
     "DiffSamplersSchedulerOutput",

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
 
-from ..schedule import to_x0_eps
+from ..schedule import native_from_ot, ot_velocity
 from ._fitted import check_fit_info, check_fitted_steps, refuse_begin_index, warn_if_off_fit
 from .base import COMMON_CONFIG_DOC, DiffSamplersScheduler, DiffSamplersSchedulerOutput
 
@@ -45,12 +45,6 @@ def rk2_stage2(y, y_half, u_half, h, s, t_dot_half, s_half, s_dot_half, s_next):
     """RK2-Bespoke full step (Eq. 20) from ``y``, the midpoint ``y_half = z / s_half`` and the velocity there."""
     z = y_half * s_half
     return (s * y + h * ((s_dot_half / s_half) * z + t_dot_half * s_half * u_half)) / s_next
-
-
-def ot_velocity(model_output, sample, alpha, sigma, prediction_type):
-    """``(y, u)``: the OT-coordinate state ``x / (alpha + sigma)`` and velocity ``x0_hat - eps_hat``."""
-    x0, eps = to_x0_eps(model_output, sample, alpha, sigma, prediction_type)
-    return sample / (alpha + sigma), x0 - eps
 
 
 class BespokeScheduler(DiffSamplersScheduler):
@@ -141,15 +135,7 @@ class BespokeScheduler(DiffSamplersScheduler):
 
     def _native(self, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(timestep, alpha, sigma)`` of OT times ``tau`` (float64)."""
-        tau = tau.double()
-        if self.is_flow:
-            sigma = 1.0 - tau
-            return sigma * self.config.num_train_timesteps, tau, sigma
-        ts = self.noise_schedule.timestep_from_lambda(torch.log(tau) - torch.log1p(-tau.clamp(max=1 - 1e-300)))
-        ts = torch.where((ts - ts.round()).abs() < 1e-6, ts.round(), ts)
-        ts = torch.where(tau >= 1, torch.full_like(ts, -1.0), ts)
-        scale = torch.rsqrt(tau**2 + (1 - tau) ** 2)  # alpha + sigma with alpha^2 + sigma^2 = 1
-        return ts, tau * scale, (1 - tau) * scale
+        return native_from_ot(self.noise_schedule, tau)
 
     def set_timesteps(
         self,

@@ -14,6 +14,7 @@ _EXPORTS: dict[str, str] = {
     "build_bank": "bank",
     "fit_olss": "olss",
     "train_bespoke": "bespoke",
+    "train_bns": "bns",
     "LearnedTimeGrid": "timegrid",
     "fit_timesteps": "timegrid",
     "load_learned_grid": "timegrid",
