@@ -262,3 +262,40 @@ def test_reconstruct_checks_its_inputs(dit, digits, sd):
         edit(dit, inv)
     with pytest.raises(ValueError, match="grid"):
         reconstruct(dit, dataclasses.replace(inv, timesteps=inv.timesteps + 1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the bench and its command
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_invert_bench_scores_and_counts(dit):
+    from diffsamplers.eval.invert_bench import markdown_table, polaris_vs_ddim, run_invert_bench
+
+    records = run_invert_bench(dit, methods=("ddim", "polaris-ddim", "bdia", "edict"), guidance_scales=(1.0, 3.0),
+                               steps=(3,), num_images=2)
+    by = {(r["method"], r["guidance_scale"]): r for r in records}
+    # exact methods reach the VAE's own round trip; DDIM does not
+    assert by[("bdia", 3.0)]["psnr_db"] == pytest.approx(by[("bdia", 3.0)]["vae_psnr_db"], abs=1e-3)
+    assert by[("bdia", 3.0)]["latent_max_error"] < EXACT and by[("edict", 3.0)]["latent_max_error"] < EXACT
+    assert by[("ddim", 3.0)]["psnr_db"] < by[("ddim", 3.0)]["vae_psnr_db"] - 1
+    # denoiser passes per image, inversion + reconstruction: DDIM 3 + 3 (x2 with CFG); BDIA 3 + 2 (it regenerates
+    # from the pair); EDICT 6 + 6; POLARIS always evaluates both halves
+    assert by[("ddim", 1.0)]["model_calls_per_image"] == 6 and by[("ddim", 3.0)]["model_calls_per_image"] == 12
+    assert by[("bdia", 1.0)]["model_calls_per_image"] == 5 and by[("edict", 3.0)]["model_calls_per_image"] == 24
+    assert by[("polaris-ddim", 1.0)]["model_calls_per_image"] == 12
+    assert len(markdown_table(records).splitlines()) == 2 + len(records)
+    assert [row["guidance_scale"] for row in polaris_vs_ddim(records)] == [3.0]
+
+
+def test_invert_bench_command_and_edit_grid(tmp_path, dit):
+    from diffsamplers.eval.cli import main
+    from diffsamplers.eval.invert_bench import write_edit_grid
+
+    out = tmp_path / "bench"
+    assert main(["invert-bench", "--methods", "bdia", "--guidance", "3", "--steps", "2", "--num-images", "2",
+                 "--no-grid", "--out", str(out)]) == 0
+    assert (out / "results.json").exists() and "| bdia | 3 | 2 |" in (out / "table.md").read_text()
+    assert main(["invert-bench", "--methods", "nti"]) == 2
+    info = write_edit_grid(str(tmp_path / "grid.png"), dit, num_images=2, num_inference_steps=2)
+    assert (tmp_path / "grid.png").exists() and 0.0 <= info["edit_accuracy"] <= 1.0

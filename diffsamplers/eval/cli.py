@@ -162,9 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replace the results of an earlier run in --out (its ground-truth cache is reused)")
     from ..train.distill_cli import add_distill_parser  # argparse only: --help stays fast
     from ..train.fit_cli import add_fit_parser
+    from .invert_bench import add_invert_bench_parser
 
     add_distill_parser(sub)
     add_fit_parser(sub)
+    add_invert_bench_parser(sub)
     return parser
 
 

@@ -48,15 +48,18 @@ class ConstantGuidance:
 
 
 class ReplayGuidance:
-    """Replays scales recorded by timestep value (one float or one per sample at each timestep)."""
+    """Replays scales recorded by timestep value (one float or one per sample at each timestep).
 
-    needs_uncond = True
+    ``needs_uncond`` must be what the recording run used: a conditional-only pass (scale 1) and ``u + 1 (c - u)``
+    from a batched pass differ in the last bits, which an exact inversion would notice.
+    """
 
-    def __init__(self, scales: dict[float, torch.Tensor]):
+    def __init__(self, scales: dict[float, torch.Tensor], needs_uncond: bool = True):
         self.scales = scales
+        self.needs_uncond = bool(needs_uncond)
 
     def __call__(self, timestep: Any, uncond: torch.Tensor | None, cond: torch.Tensor, record: bool = True):
         key = timestep_key(timestep)
         if key not in self.scales:
             raise ValueError(f"no recorded guidance scale for timestep {key:g}: the grid differs from the inversion's")
-        return combine(uncond, cond, self.scales[key])
+        return combine(uncond if self.needs_uncond else None, cond, self.scales[key])

@@ -342,7 +342,8 @@ class Inversion:
         source_latents (`torch.Tensor`): the clean latents that were inverted.
         condition (`dict`): the condition as given (``class_labels``, ``prompt``, ``prompt_embeds``, ...).
         settings (`dict`): ``num_inference_steps``, ``guidance_scale``, ``gamma``, ``edict_mix``,
-            ``polaris_backend``, ``per_sample``, ``timestep_spacing``, ``dtype``, ``mu``, the pipeline class.
+            ``polaris_backend``, ``per_sample``, ``timestep_spacing``, ``dtype``, ``mu``, the pipeline class and
+            ``uncond_pass`` (whether the unconditional output was computed: not at a constant scale of 1).
         model_calls (`int`): denoiser passes per image during inversion (a CFG evaluation counts 2).
         seconds (`float`): wall-clock time of the inversion (encoding included).
     """
@@ -625,7 +626,7 @@ def invert(
         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, gamma=float(gamma),
         edict_mix=float(edict_mix), polaris_backend=polaris_backend,
         timestep_spacing=None if grid.is_flow else grid.config.timestep_spacing,
-        dtype=dtype, mu=mu, pipeline=type(pipe).__name__, **options,
+        dtype=dtype, mu=mu, pipeline=type(pipe).__name__, uncond_pass=guidance.needs_uncond, **options,
     )
     return Inversion(
         method=method, latents=noise, pair_latents=pair, timesteps=grid.timesteps.clone(),
@@ -680,7 +681,8 @@ def reconstruct(pipe: Any, inversion: Inversion, output_type: Literal["pt", "lat
     """
     if not isinstance(inversion, Inversion):
         raise TypeError(f"inversion must be an Inversion (from invert), got {type(inversion).__name__}")
-    return _regenerate(pipe, inversion, inversion.condition, ReplayGuidance(inversion.guidance_scales), output_type)
+    guidance = ReplayGuidance(inversion.guidance_scales, inversion.settings.get("uncond_pass", True))
+    return _regenerate(pipe, inversion, inversion.condition, guidance, output_type)
 
 
 def edit(
@@ -706,7 +708,7 @@ def edit(
     if not condition:
         raise ValueError("edit needs a new condition (class_labels, prompt, prompt_embeds, ...)")
     if guidance_scale is None:
-        guidance = ReplayGuidance(inversion.guidance_scales)
+        guidance = ReplayGuidance(inversion.guidance_scales, inversion.settings.get("uncond_pass", True))
     else:
         guidance = ConstantGuidance(_check_number(guidance_scale, "guidance_scale", low=0.0))
     return _regenerate(pipe, inversion, condition, guidance, output_type)
