@@ -7,8 +7,8 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, EDMEulerScheduler
 
-from diffsamplers.models.digits import digits_split, load_digits_images
-from diffsamplers.models.digits_latent import load_digits_latent_pipeline, upsample_digits
+from diffsamplers.eval.invert_bench import heldout_digits
+from diffsamplers.models.digits_latent import load_digits_latent_pipeline
 from diffsamplers.pipelines.inversion import Inversion, decode_images, edit, encode_images, invert, reconstruct
 from diffsamplers.testing import (
     tiny_flow_embeddings,
@@ -34,10 +34,7 @@ def dit():
 
 @pytest.fixture(scope="module")
 def digits():
-    images, labels = load_digits_images()
-    _, test_idx = digits_split()
-    idx = test_idx[:3]
-    return upsample_digits(images[idx]), labels[idx].tolist()
+    return heldout_digits(3)
 
 
 @pytest.fixture(scope="module")

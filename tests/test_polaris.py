@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy.optimize import minimize_scalar
 
-from diffsamplers.models.digits import digits_split, load_digits_images
-from diffsamplers.models.digits_latent import load_digits_latent_pipeline, upsample_digits
+from diffsamplers.eval.invert_bench import heldout_digits
+from diffsamplers.models.digits_latent import load_digits_latent_pipeline
 from diffsamplers.pipelines.inversion import encode_images, invert, reconstruct
 from diffsamplers.pipelines.polaris import PolarisGuidance, polaris_omega
 from diffsamplers.testing import tiny_stable_diffusion_pipeline
@@ -26,10 +26,7 @@ def dit():
 
 @pytest.fixture(scope="module")
 def digits():
-    images, labels = load_digits_images()
-    _, test_idx = digits_split()
-    idx = test_idx[:3]
-    return upsample_digits(images[idx]), labels[idx].tolist()
+    return heldout_digits(3)
 
 
 def randn(*shape, seed=0):

@@ -48,11 +48,14 @@ def _checked_mix(mix: float) -> float:
     return float(mix)
 
 
-def _level_coefficients(grid: Any, index: int) -> tuple[float, float]:
-    return edict_coefficients(
+def _step_setup(grid: Any, index: int, mix: float) -> tuple[Any, float, float, bool, float]:
+    """The step's timestep, ``(A, B)``, whether the sequences swap roles (every other step, the official code's
+    ``leapfrog_steps``) and the checked mixing weight; the same for a step and its inverse."""
+    a, b = edict_coefficients(
         grid.config.prediction_type, grid.alpha_t[index], grid.sigma_t[index], grid.alpha_next[index],
         grid.sigma_next[index],
     )
+    return grid.timesteps[index], a, b, index % 2 == 1, _checked_mix(mix)
 
 
 def edict_step(denoise: Denoiser, grid: Any, index: int, x: torch.Tensor, y: torch.Tensor,
@@ -67,10 +70,7 @@ def edict_step(denoise: Denoiser, grid: Any, index: int, x: torch.Tensor, y: tor
         x, y (`torch.Tensor`): the coupled latents (float64 for an exact inverse).
         mix (`float`, defaults to 0.93): the mixing weight ``p``.
     """
-    mix = _checked_mix(mix)
-    t = grid.timesteps[index]
-    a, b = _level_coefficients(grid, index)
-    swap = index % 2 == 1
+    t, a, b, swap, mix = _step_setup(grid, index, mix)
     if swap:
         x, y = y, x
     x_inter = a * x + b * denoise(y, t)
@@ -83,10 +83,7 @@ def edict_step(denoise: Denoiser, grid: Any, index: int, x: torch.Tensor, y: tor
 def edict_inverse_step(denoise: Denoiser, grid: Any, index: int, x_new: torch.Tensor, y_new: torch.Tensor,
                        mix: float = EDICT_MIX) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`edict_step` solved backwards: the pair before the step at ``grid.timesteps[index]``."""
-    mix = _checked_mix(mix)
-    t = grid.timesteps[index]
-    a, b = _level_coefficients(grid, index)
-    swap = index % 2 == 1
+    t, a, b, swap, mix = _step_setup(grid, index, mix)
     if swap:
         x_new, y_new = y_new, x_new
     y_inter = (y_new - (1 - mix) * x_new) / mix
