@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from diffsamplers import LearnedTimestepsScheduler, OLSSScheduler
+from diffsamplers import BespokeScheduler, BNSScheduler, LearnedTimestepsScheduler, OLSSScheduler
 from diffsamplers.eval.cli import main
 
 TINY = ["--num-train", "6", "--num-val", "4", "--reference-steps", "40", "--no-progress"]
@@ -42,10 +42,12 @@ def test_the_testbed_and_the_bundled_model_load_for_fitting():
         assert model.scheduler_config["timestep_spacing"] == "trailing" and not model.scheduler_config["clip_sample"]
 
 
-@pytest.mark.parametrize("method, cls", [("olss", OLSSScheduler), ("timesteps", LearnedTimestepsScheduler)])
+@pytest.mark.parametrize("method, cls", [("olss", OLSSScheduler), ("timesteps", LearnedTimestepsScheduler),
+                                         ("bespoke", BespokeScheduler), ("bns", BNSScheduler)])
 def test_fit_writes_a_scheduler_that_loads_with_from_pretrained(method, cls, tmp_path, capsys, small_testbed):
     out = tmp_path / method
-    argv = ["fit", method, "--model", "testbed", "--nfe", "3", "--iterations", "5", "--out", str(out), *TINY]
+    argv = ["fit", method, "--model", "testbed", "--nfe", "3", "--iterations", "5", "--refine-iterations", "5",
+            "--solver-type", "rk1", "--out", str(out), *TINY]
     assert main(argv) == 0
     assert f"{cls.__name__}.from_pretrained" in capsys.readouterr().out
     scheduler = cls.from_pretrained(out)
@@ -55,7 +57,7 @@ def test_fit_writes_a_scheduler_that_loads_with_from_pretrained(method, cls, tmp
     assert len(scheduler.timesteps) == 3
     assert list((out / "banks").glob("bank-*.safetensors"))  # the references are cached for the next fit
     # a second fit into the same folder is refused unless asked for
-    assert main(["fit", method, "--model", "testbed", "--nfe", "3", "--out", str(out), *TINY]) == 2
+    assert main(argv) == 2
     assert "--overwrite" in one_line_error(capsys)
 
 
@@ -63,7 +65,9 @@ def test_fit_writes_a_scheduler_that_loads_with_from_pretrained(method, cls, tmp
     (["olss", "--nfe", "0"], "--nfe"),
     (["olss", "--nfe", "3", "--num-train", "0"], "--num-train"),
     (["olss", "--nfe", "3", "--model", "/nonexistent"], "--model"),
-    (["bespoke", "--nfe", "3"], "argument method"),
+    (["bespoke", "--nfe", "3"], "--solver-type rk2"),
+    (["bns", "--nfe", "3", "--refine-iterations", "-1"], "--refine-iterations"),
+    (["heun", "--nfe", "3"], "argument method"),
 ])
 def test_fit_mistakes_get_one_line(args, message, tmp_path, capsys):
     assert main(["fit", *args, "--out", str(tmp_path / "out")]) == 2
@@ -87,3 +91,19 @@ def test_fitted_bench_entries_are_cached_and_avoid_the_bench_seeds(tmp_path, mon
     assert second.config.fit_info["fit_seconds"] == first.config.fit_info["fit_seconds"]
     with pytest.raises(ValueError, match="overlap"):  # bench seeds inside the fitting range are refused
         fit(model, 4, [1_000_000])
+
+
+def test_bespoke_and_bns_bench_entries_fit_per_budget(tmp_path, monkeypatch):
+    from diffsamplers.eval import learned
+    from diffsamplers.eval.testbed import TESTBED_CONFIG, testbed_bench_model
+    from diffsamplers.testing import small_mixture
+
+    monkeypatch.setenv("DIFFSAMPLERS_CACHE", str(tmp_path))
+    monkeypatch.setattr(learned, "FIT_SETTINGS", dict(num_train=6, num_val=4, reference_steps=40, iterations=3))
+    model = testbed_bench_model(small_mixture(), TESTBED_CONFIG)
+    specs = learned.learned_sampler_specs()
+    odd, even = specs["bespoke"].fit(model, 3, list(range(8))), specs["bespoke"].fit(model, 4, list(range(8)))
+    assert (odd.config.solver_type, even.config.solver_type) == ("rk1", "rk2")  # RK2 needs two calls per step
+    bns = specs["bns"].fit(model, 3, list(range(8)))
+    assert isinstance(bns, BNSScheduler) and bns.config.num_steps == 3
+    assert isinstance(specs["bns"].fit(model, 3, list(range(8))), BNSScheduler)  # from the cache

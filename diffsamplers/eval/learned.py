@@ -1,5 +1,5 @@
 # Copyright 2026 The diffsamplers authors. Licensed under the Apache License, Version 2.0.
-"""Bench entries of fitted solvers: ``olss``, ``dpmpp2m-learned`` and ``ddim-learned``.
+"""Bench entries of fitted solvers: ``olss``, ``bespoke``, ``bns``, ``dpmpp2m-learned`` and ``ddim-learned``.
 
 Each is fitted, per budget, to the bench's model on seeds disjoint from the bench's (the fitting splits of
 :func:`~diffsamplers.train.bank.split_seeds`), and cached on disk under ``$DIFFSAMPLERS_CACHE/fits`` (default
@@ -32,6 +32,10 @@ def learned_sampler_specs() -> dict[str, SamplerSpec]:
     return {
         "olss": SamplerSpec("olss", None, default=False, fit=_fitter("olss"),
                             description="OLSS fitted to the model per budget (least squares on its trajectories)"),
+        "bespoke": SamplerSpec("bespoke", None, default=False, fit=_fitter("bespoke"),
+                               description="Bespoke RK2 (RK1 at odd budgets) fitted to the model per budget"),
+        "bns": SamplerSpec("bns", None, default=False, fit=_fitter("bns"),
+                           description="Bespoke non-stationary solver fitted to the model per budget"),
         "dpmpp2m-learned": SamplerSpec(
             "dpmpp2m-learned", None, default=False, fit=_fitter("timesteps", "dpmpp2m"),
             description="diffusers' DPM-Solver++(2M) on a time grid learned for the model per budget",
@@ -61,19 +65,20 @@ def fit_model_from_bench(model: Any) -> Any:
 
 def _fitter(method: str, base: str = "dpmpp2m"):
     def fit(model: Any, nfe: int, bench_seeds: list[int]) -> Any:
-        from ..samplers import LearnedTimestepsScheduler, OLSSScheduler
-        from ..train.fit_cli import fit_solver
+        from .. import samplers
+        from ..train.fit_cli import FIT_CLASSES, fit_solver
 
         fit_model = fit_model_from_bench(model)
+        extra = dict(solver_type="rk2" if nfe % 2 == 0 else "rk1") if method == "bespoke" else {}
         key = dict(model=fit_model.name, model_hash=fit_model.model_hash, config=fit_model.scheduler_config,
-                   method=method, base=base if method == "timesteps" else None, nfe=nfe, **FIT_SETTINGS)
+                   method=method, base=base if method == "timesteps" else None, nfe=nfe, **FIT_SETTINGS, **extra)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
         folder = fits_cache_dir() / f"{method}-{nfe}-{digest}"
-        cls = OLSSScheduler if method == "olss" else LearnedTimestepsScheduler
+        cls = getattr(samplers, FIT_CLASSES[method])
         if (folder / "scheduler_config.json").exists():
             return cls.from_pretrained(folder)
         scheduler = fit_solver(method, fit_model, nfe, base=base, avoid_seeds=bench_seeds,
-                               cache_dir=fits_cache_dir() / "banks", progress=False, **FIT_SETTINGS)
+                               cache_dir=fits_cache_dir() / "banks", progress=False, **FIT_SETTINGS, **extra)
         scheduler.save_pretrained(folder)
         return scheduler
 

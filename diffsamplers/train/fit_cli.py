@@ -2,14 +2,17 @@
 """``diffsamplers fit``: fit a solver to one model and save it as a diffusers scheduler folder.
 
     diffsamplers fit olss --model digits --nfe 5 --out digits-olss-5
+    diffsamplers fit bespoke --model digits --nfe 6 --solver-type rk2 --out digits-bespoke-6
+    diffsamplers fit bns --model digits --nfe 5 --out digits-bns-5
     diffsamplers fit timesteps --model digits --nfe 5 --base dpmpp2m --out digits-grid-5
 
 ``--model`` is ``testbed`` (the Gaussian-mixture digits, exact references), ``digits`` (the bundled DDPM) or a
 diffusers pipeline folder of an unconditional UNet (``unet/`` and ``scheduler/``). The reference trajectories
 (DPM-Solver++(2M) at ``--reference-steps``, exact finals on the testbed) of ``--num-train`` training and
 ``--num-val`` validation seeds are cached in ``OUT/banks`` (an interrupted build resumes); the fitted scheduler is
-saved in ``OUT`` and loads with ``OLSSScheduler.from_pretrained(OUT)`` / ``LearnedTimestepsScheduler.from_pretrained
-(OUT)``. Every scheduler runs from pure noise on trailing spacing, as the bench does.
+saved in ``OUT`` and loads with ``<Class>.from_pretrained(OUT)`` (``OLSSScheduler``, ``BespokeScheduler``,
+``BNSScheduler``, ``LearnedTimestepsScheduler``). Every scheduler runs from pure noise on trailing spacing, as the
+bench does. Searches checkpoint into ``OUT/banks``: an interrupted fit resumes.
 """
 
 from __future__ import annotations
@@ -19,25 +22,31 @@ import json
 import os
 from typing import Any
 
-METHODS = ("olss", "timesteps")
-FIT_CLASSES = {"olss": "OLSSScheduler", "timesteps": "LearnedTimestepsScheduler"}
+METHODS = ("olss", "bespoke", "bns", "timesteps")
+FIT_CLASSES = {"olss": "OLSSScheduler", "bespoke": "BespokeScheduler", "bns": "BNSScheduler",
+               "timesteps": "LearnedTimestepsScheduler"}
 
 
 def add_fit_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``fit`` sub-command to an ``argparse`` sub-parser collection; returns its parser."""
     p = subparsers.add_parser(
-        "fit", help="fit a solver (OLSS, a learned time grid) to a model; saves a diffusers scheduler folder",
+        "fit", help="fit a solver (OLSS, Bespoke, BNS, a learned time grid) to a model; saves a diffusers scheduler "
+        "folder",
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("method", choices=METHODS, help="'olss' (OLSSScheduler) or 'timesteps' (a learned grid for "
-                   "DPM-Solver++(2M) or DDIM: LearnedTimestepsScheduler)")
+    p.add_argument("method", choices=METHODS, help="'olss' (OLSSScheduler), 'bespoke' (BespokeScheduler), 'bns' "
+                   "(BNSScheduler) or 'timesteps' (a learned grid for DPM-Solver++(2M) or DDIM: "
+                   "LearnedTimestepsScheduler)")
     p.add_argument("--model", default="digits", help="'testbed', 'digits' or an unconditional pipeline folder")
     p.add_argument("--nfe", type=int, required=True, help="model calls of the fitted solver")
     p.add_argument("--base", choices=("dpmpp2m", "ddim"), default="dpmpp2m", help="solver of a learned grid")
     p.add_argument("--num-train", type=int, default=128, help="training seeds")
     p.add_argument("--num-val", type=int, default=64, help="validation seeds (the best validated fit is kept)")
     p.add_argument("--reference-steps", type=int, default=200, help="DPM-Solver++(2M) steps of the references")
-    p.add_argument("--iterations", type=int, default=150, help="search iterations of a learned grid")
+    p.add_argument("--iterations", type=int, default=150, help="search iterations (learned grid, Bespoke, BNS times)")
+    p.add_argument("--solver-type", choices=("rk1", "rk2"), default="rk2", help="Bespoke's base method")
+    p.add_argument("--loss", choices=("rmse", "bound"), default="rmse", help="Bespoke's training loss")
+    p.add_argument("--refine-iterations", type=int, default=200, help="BNS: joint refinement iterations")
     p.add_argument("--out", required=True, help="output folder: the scheduler, and banks/ (the reference cache)")
     p.add_argument("--overwrite", action="store_true", help="replace a scheduler saved in --out before")
     p.add_argument("--device", default="cpu")
@@ -92,13 +101,17 @@ def fit_solver(
     num_val: int = 64,
     reference_steps: int = 200,
     iterations: int = 150,
+    solver_type: str = "rk2",
+    loss: str = "rmse",
+    refine_iterations: int = 200,
     cache_dir: str | os.PathLike | None = None,
     avoid_seeds: list[int] | None = None,
     progress: bool = True,
 ) -> Any:
     """Build (or reuse from ``cache_dir``) the training and validation banks and fit ``method`` for ``nfe`` calls;
-    returns the fitted scheduler (``OLSSScheduler`` or ``LearnedTimestepsScheduler``) with its provenance in
-    ``config.fit_info``. ``avoid_seeds`` (e.g. a bench's) must not meet the fitting seeds."""
+    returns the fitted scheduler (``OLSSScheduler``, ``BespokeScheduler``, ``BNSScheduler`` or
+    ``LearnedTimestepsScheduler``) with its provenance in ``config.fit_info``; ``solver_type`` and ``loss`` are
+    Bespoke's, ``refine_iterations`` BNS's. ``avoid_seeds`` (e.g. a bench's) must not meet the fitting seeds."""
     from .bank import build_bank, check_disjoint, split_seeds
 
     if method not in METHODS:
@@ -116,11 +129,25 @@ def fit_solver(
         from .olss import fit_olss
 
         return fit_olss(model, banks["train"], nfe, val_bank=banks["val"])
+
+    def checkpoint(name: str) -> str | None:
+        return None if cache_dir is None else os.path.join(cache_dir, name)
+
+    if method == "bespoke":
+        from .bespoke import train_bespoke
+
+        return train_bespoke(model, banks["train"], nfe, solver_type=solver_type, loss=loss, val_bank=banks["val"],
+                             iterations=iterations, checkpoint=checkpoint(f"bespoke-{solver_type}-{loss}-{nfe}.json"),
+                             progress=progress)
+    if method == "bns":
+        from .bns import train_bns
+
+        return train_bns(model, banks["train"], nfe, val_bank=banks["val"], iterations=iterations,
+                         refine_iterations=refine_iterations, checkpoint=checkpoint(f"bns-{nfe}"), progress=progress)
     from .timegrid import fit_timesteps
 
-    checkpoint = None if cache_dir is None else os.path.join(cache_dir, f"timesteps-{base}-{nfe}.json")
     return fit_timesteps(model, banks["train"], nfe, base=base, val_bank=banks["val"], iterations=iterations,
-                         checkpoint=checkpoint, progress=progress).scheduler
+                         checkpoint=checkpoint(f"timesteps-{base}-{nfe}.json"), progress=progress).scheduler
 
 
 def run_fit(args: argparse.Namespace) -> int:
@@ -128,6 +155,10 @@ def run_fit(args: argparse.Namespace) -> int:
     for name in ("nfe", "num_train", "num_val", "reference_steps", "iterations"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.refine_iterations < 0:
+        raise ValueError(f"--refine-iterations must be >= 0, got {args.refine_iterations}")
+    if args.method == "bespoke" and args.solver_type == "rk2" and args.nfe % 2:
+        raise ValueError(f"--nfe must be even for --solver-type rk2 (two model calls per step), got {args.nfe}")
     saved = os.path.join(args.out, "scheduler_config.json")
     if os.path.exists(saved) and not args.overwrite:
         raise ValueError(f"--out {args.out}: holds a fitted scheduler already; give --overwrite to replace it")
@@ -138,6 +169,7 @@ def run_fit(args: argparse.Namespace) -> int:
     model = load_fit_model(args.model, args.device)
     scheduler = fit_solver(args.method, model, args.nfe, base=args.base, num_train=args.num_train,
                            num_val=args.num_val, reference_steps=args.reference_steps, iterations=args.iterations,
+                           solver_type=args.solver_type, loss=args.loss, refine_iterations=args.refine_iterations,
                            cache_dir=os.path.join(args.out, "banks"), progress=not args.no_progress)
     scheduler.save_pretrained(args.out)
     info = scheduler.config.fit_info
