@@ -95,7 +95,7 @@ def test_fitted_bench_entries_are_cached_and_avoid_the_bench_seeds(tmp_path, mon
 
 def test_bespoke_and_bns_bench_entries_fit_per_budget(tmp_path, monkeypatch):
     from diffsamplers.eval import learned
-    from diffsamplers.eval.testbed import TESTBED_CONFIG, testbed_bench_model
+    from diffsamplers.eval.testbed import TESTBED_CONFIG, exact_testbed_errors, testbed_bench_model
     from diffsamplers.testing import small_mixture
 
     monkeypatch.setenv("DIFFSAMPLERS_CACHE", str(tmp_path))
@@ -104,6 +104,9 @@ def test_bespoke_and_bns_bench_entries_fit_per_budget(tmp_path, monkeypatch):
     specs = learned.learned_sampler_specs()
     odd, even = specs["bespoke"].fit(model, 3, list(range(8))), specs["bespoke"].fit(model, 4, list(range(8)))
     assert (odd.config.solver_type, even.config.solver_type) == ("rk1", "rk2")  # RK2 needs two calls per step
+    assert (specs["bespoke"].steps_for_nfe(3), specs["bespoke"].steps_for_nfe(4)) == (3, 2)
+    records = exact_testbed_errors({"bespoke": specs["bespoke"]}, [4], model=small_mixture(), num_samples=4)
+    assert records[0]["nfe"] == 4 and records[0]["steps"] == 2
     bns = specs["bns"].fit(model, 3, list(range(8)))
     assert isinstance(bns, BNSScheduler) and bns.config.num_steps == 3
     assert isinstance(specs["bns"].fit(model, 3, list(range(8))), BNSScheduler)  # from the cache

@@ -32,7 +32,8 @@ def learned_sampler_specs() -> dict[str, SamplerSpec]:
     return {
         "olss": SamplerSpec("olss", None, default=False, fit=_fitter("olss"),
                             description="OLSS fitted to the model per budget (least squares on its trajectories)"),
-        "bespoke": SamplerSpec("bespoke", None, default=False, fit=_fitter("bespoke"),
+        "bespoke": SamplerSpec("bespoke", None, steps_for_nfe=lambda nfe: nfe // 2 if nfe % 2 == 0 else nfe,
+                               default=False, fit=_fitter("bespoke"),
                                description="Bespoke RK2 (RK1 at odd budgets) fitted to the model per budget"),
         "bns": SamplerSpec("bns", None, default=False, fit=_fitter("bns"),
                            description="Bespoke non-stationary solver fitted to the model per budget"),

@@ -137,6 +137,13 @@ class BespokeScheduler(DiffSamplersScheduler):
         """``(timestep, alpha, sigma)`` of OT times ``tau`` (float64)."""
         return native_from_ot(self.noise_schedule, tau)
 
+    def _cleanest_ot_time(self) -> torch.Tensor:
+        """The OT time of the cleanest level a model can be evaluated at (timestep 0 of a VP schedule)."""
+        if self.is_flow:
+            return torch.tensor(1.0, dtype=torch.float64)
+        alpha, sigma = self.noise_schedule.alpha_sigma(0)
+        return alpha / (alpha + sigma)
+
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
@@ -163,13 +170,15 @@ class BespokeScheduler(DiffSamplersScheduler):
             tau_t = self.alpha_t / (self.alpha_t + self.sigma_t)
             tau_n = self.alpha_next / (self.alpha_next + self.sigma_next)
             if rk2:
-                # midpoint in OT time between each step's start and end
-                mid = 0.5 * (tau_t + tau_n)
+                # midpoint in OT time between each step's start and end, but no cleaner than the cleanest level
+                # the model was trained at: on a fine VP grid the last midpoint would fall past timestep 0, where
+                # the model cannot be evaluated (the first stage's rate then lands the half step there)
+                mid = torch.minimum(0.5 * (tau_t + tau_n), self._cleanest_ot_time())
                 ts_mid, a_mid, s_mid = self._native(mid)
                 tau = torch.stack([tau_t, mid], 1).reshape(-1)
                 tau = torch.cat([tau, tau_n[-1:]])
                 self._h = 1.0 / (2 * n)
-                self._t_dot = (torch.stack([tau_n - tau_t, tau_n - tau_t], 1).reshape(-1) * n).tolist()
+                self._t_dot = (torch.stack([2 * (mid - tau_t), tau_n - tau_t], 1).reshape(-1) * n).tolist()
                 ts = torch.stack([self.timesteps.double().cpu(), ts_mid], 1).reshape(-1)
                 alpha = torch.cat([torch.stack([self.alpha_t, a_mid], 1).reshape(-1), self.alpha_next[-1:]])
                 sigma = torch.cat([torch.stack([self.sigma_t, s_mid], 1).reshape(-1), self.sigma_next[-1:]])
