@@ -274,3 +274,16 @@ def test_bad_parameters_are_refused():
         BespokeScheduler(solver_type="rk1", num_steps=2, t=[0.1, 0.05, 1.0], t_dot=[1, 1], s=[1, 1, 1], s_dot=[0, 0])
     with pytest.raises(ValueError, match="solver_type"):
         BespokeScheduler(solver_type="rk4")
+
+
+@pytest.mark.parametrize("steps", [4, 250, 999])
+def test_rk2_stages_are_at_the_levels_the_model_sees(steps):
+    """Every stage's (alpha, sigma) is the level of the timestep the model is given: on a fine grid the last
+    midpoint would otherwise fall past timestep 0, and the model would be evaluated at another level."""
+    scheduler = BespokeScheduler.from_config(TESTBED_CONFIG, solver_type="rk2")
+    scheduler.set_timesteps(steps)
+    g = scheduler.stage_grid()
+    alpha, sigma = scheduler.noise_schedule.alpha_sigma(g["timesteps"].double())
+    # 1e-7: the stage timesteps are float32, as pipelines pass them to the model
+    torch.testing.assert_close(g["alpha"][:-1], alpha, rtol=0, atol=1e-7)
+    torch.testing.assert_close(g["sigma"][:-1], sigma, rtol=0, atol=1e-7)
