@@ -101,15 +101,36 @@ def test_prompts_are_encoded_with_the_pipelines_text_encoder(sd, sd_inputs):
     assert max_error(other, inv.source_latents) > 1e-4
 
 
-@pytest.mark.parametrize("method", ["bdia", "edict"])
+@pytest.mark.parametrize("method", ["bdia", "edict", "polaris"])
 def test_flow_round_trip_is_exact_and_euler_inversion_is_not(flow, method):
     g = torch.Generator().manual_seed(1)
     images = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
     condition = tiny_flow_embeddings(1)
-    inv = invert(flow, images, method=method, num_inference_steps=4, guidance_scale=5.0, **condition)
+    inv = invert(flow, images, method=method, num_inference_steps=4, guidance_scale=5.0, polaris_backend="bdia",
+                 **condition)
     assert max_error(reconstruct(flow, inv, output_type="latent"), inv.source_latents) < EXACT
     euler = invert(flow, images, method="ddim", num_inference_steps=4, guidance_scale=5.0, **condition)
     assert max_error(reconstruct(flow, euler, output_type="latent"), euler.source_latents) > 1e-3
+
+
+def test_the_denoiser_gets_its_own_weights_and_dtype_back(sd_inputs, monkeypatch):
+    pipe = tiny_stable_diffusion_pipeline()
+    pipe.unet.half()
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    images, condition = sd_inputs
+    inv = invert(pipe, images, method="bdia", num_inference_steps=3, guidance_scale=3.0, **condition)
+    assert inv.latents.dtype == torch.float64  # the run was in float64
+    after = pipe.unet.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    # also when the run fails half-way, with the denoiser in float64
+    def failing(*args, **kwargs):
+        assert pipe.unet.dtype == torch.float64
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(pipe.unet, "forward", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        invert(pipe, images, method="bdia", num_inference_steps=3, **condition)
+    assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in before.items())
 
 
 def test_exactness_needs_the_same_guidance_in_both_directions(dit, digits):
