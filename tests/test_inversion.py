@@ -143,6 +143,38 @@ def test_exactness_needs_the_same_guidance_in_both_directions(dit, digits):
                      inv.source_latents) > 1e-6
 
 
+@pytest.mark.parametrize("method", ["ddim", "bdia", "edict", "polaris"])
+def test_partial_inversion_stops_part_way_and_regenerates_from_there(dit, digits, method):
+    images, labels = digits
+    full = invert(dit, images, method=method, num_inference_steps=10, guidance_scale=3.0, class_labels=labels)
+    part = invert(dit, images, method=method, num_inference_steps=10, guidance_scale=3.0, strength=0.6,
+                  class_labels=labels)
+    assert torch.equal(part.timesteps, full.timesteps[4:]) and part.settings["begin_index"] == 4
+    assert sorted(part.guidance_scales) == sorted(float(t) for t in part.timesteps)
+    assert part.model_calls < full.model_calls
+    # a partly inverted latent is still close to the image
+    assert (part.latents - part.source_latents).abs().mean() < (full.latents - full.source_latents).abs().mean()
+    error = max_error(reconstruct(dit, part, output_type="latent"), part.source_latents)
+    if method in ("bdia", "edict"):
+        assert error < EXACT
+    else:
+        assert error < max_error(reconstruct(dit, full, output_type="latent"), full.source_latents)
+    # an edit from part way keeps more of the source than one from noise
+    swapped = [(c + 1) % 10 for c in labels]
+    source = decode_images(dit, part.source_latents)
+    assert (edit(dit, part, class_labels=swapped) - source).abs().mean() < (
+        edit(dit, full, class_labels=swapped) - source).abs().mean()
+
+
+def test_strength_is_checked(dit, digits):
+    images, labels = digits
+    for strength in (0.0, 1.5):
+        with pytest.raises(ValueError, match="strength"):
+            invert(dit, images, strength=strength, class_labels=labels)
+    with pytest.raises(ValueError, match="strength"):  # one step of ten: BDIA needs two
+        invert(dit, images, method="bdia", num_inference_steps=10, strength=0.1, class_labels=labels)
+
+
 def test_class_swap_edit_changes_the_image(dit, digits):
     images, labels = digits
     inv = invert(dit, images, method="bdia", num_inference_steps=10, guidance_scale=3.0, class_labels=labels)

@@ -93,18 +93,20 @@ def edict_inverse_step(denoise: Denoiser, grid: Any, index: int, x_new: torch.Te
     return (y, x) if swap else (x, y)
 
 
-def edict_invert(denoise: Denoiser, grid: Any, latents: torch.Tensor,
-                 mix: float = EDICT_MIX) -> tuple[torch.Tensor, torch.Tensor]:
-    """Invert clean ``latents`` to the noise pair ``(x_T, y_T)`` over all of ``grid.timesteps``."""
+def edict_invert(denoise: Denoiser, grid: Any, latents: torch.Tensor, mix: float = EDICT_MIX,
+                 begin_index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Invert clean ``latents`` to the noise pair ``(x_T, y_T)`` over ``grid.timesteps[begin_index:]`` (all of it
+    by default)."""
     x = y = latents
-    for index in range(len(grid.timesteps) - 1, -1, -1):
+    for index in range(len(grid.timesteps) - 1, begin_index - 1, -1):
         x, y = edict_inverse_step(denoise, grid, index, x, y, mix)
     return x, y
 
 
-def edict_generate(denoise: Denoiser, grid: Any, x: torch.Tensor, y: torch.Tensor,
-                   mix: float = EDICT_MIX) -> tuple[torch.Tensor, torch.Tensor]:
-    """Denoise the pair ``(x_T, y_T)`` over all of ``grid.timesteps``; both halves of the result are the sample."""
-    for index in range(len(grid.timesteps)):
+def edict_generate(denoise: Denoiser, grid: Any, x: torch.Tensor, y: torch.Tensor, mix: float = EDICT_MIX,
+                   begin_index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Denoise the pair ``(x_T, y_T)`` over ``grid.timesteps[begin_index:]``; both halves of the result are the
+    sample."""
+    for index in range(begin_index, len(grid.timesteps)):
         x, y = edict_step(denoise, grid, index, x, y, mix)
     return x, y

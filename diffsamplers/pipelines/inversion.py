@@ -336,12 +336,14 @@ class Inversion:
         latents (`torch.Tensor`): the noise latent (``z_N``; EDICT's ``x_T``), in ``settings["dtype"]``.
         pair_latents (`torch.Tensor` or `None`): the second latent of the exact methods: BDIA's ``z_{N-1}``,
             EDICT's ``y_T`` (``None`` for DDIM and POLARIS-DDIM).
-        timesteps (`torch.Tensor`): the grid in denoising (descending) order.
+        timesteps (`torch.Tensor`): the timesteps the regeneration walks, in denoising (descending) order: the
+            whole grid, or its last ``int(N * strength)`` entries.
         guidance_scales (`dict[float, torch.Tensor]`): the scale used at each timestep, keyed by timestep value,
             one entry per image (POLARIS's omega; the constant ``guidance_scale`` otherwise).
         source_latents (`torch.Tensor`): the clean latents that were inverted.
         condition (`dict`): the condition as given (``class_labels``, ``prompt``, ``prompt_embeds``, ...).
-        settings (`dict`): ``num_inference_steps``, ``guidance_scale``, ``gamma``, ``edict_mix``,
+        settings (`dict`): ``num_inference_steps``, ``strength``, ``begin_index``, ``guidance_scale``, ``gamma``,
+            ``edict_mix``,
             ``polaris_backend``, ``per_sample``, ``timestep_spacing``, ``dtype``, ``mu``, the pipeline class and
             ``uncond_pass`` (whether the unconditional output was computed: not at a constant scale of 1).
         model_calls (`int`): denoiser passes per image during inversion (a CFG evaluation counts 2).
@@ -421,6 +423,21 @@ def _check_steps(num_inference_steps: Any, method: str, backend: str) -> int:
     return num_inference_steps
 
 
+def _begin_index(num_inference_steps: int, strength: Any, method: str, backend: str) -> int:
+    """The grid index partial inversion stops at (0 for a full inversion), as the official BDIA editing code's
+    ``t_limit = N - int(N * strength)``."""
+    strength = _check_number(strength, "strength")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+    inverted = int(num_inference_steps * strength)
+    least = 2 if method == "bdia" or (method == "polaris" and backend == "bdia") else 1
+    if inverted < least:
+        raise ValueError(
+            f"strength {strength} inverts {inverted} of {num_inference_steps} steps; {method} needs at least {least}"
+        )
+    return num_inference_steps - inverted
+
+
 def _prepare_latents(adapter: _Adapter, images_or_latents: Any, input_type: str, dtype: torch.dtype) -> torch.Tensor:
     if not isinstance(images_or_latents, torch.Tensor):
         raise TypeError(
@@ -464,11 +481,12 @@ def _denoiser(adapter: _Adapter, condition: _Condition, guidance: Any):
     return denoise
 
 
-def _ddim_invert(config, grid, denoise, latents):
+def _ddim_invert(config, grid, denoise, latents, begin):
+    """Clean ``latents`` up to the level of ``grid.timesteps[begin]``."""
     if grid.is_flow:
         # plain Euler inversion, the model at the destination label as DDIMInverseScheduler's loops call it
         z = latents
-        for index in range(len(grid.timesteps) - 1, -1, -1):
+        for index in range(len(grid.timesteps) - 1, begin - 1, -1):
             t = grid.timesteps[index]
             a_src, s_src = grid.alpha_next[index], grid.sigma_next[index]
             x0, eps = to_x0_eps(denoise(z, t), z, a_src, s_src, grid.config.prediction_type)
@@ -481,15 +499,17 @@ def _ddim_invert(config, grid, denoise, latents):
     if not torch.equal(inverse.timesteps.flip(0).cpu(), grid.timesteps.cpu().long()):
         raise RuntimeError("DDIMInverseScheduler's grid differs from DDIM's")  # would misalign the recorded scales
     z = latents
-    for t in inverse.timesteps:
+    for t in inverse.timesteps[: len(grid.timesteps) - begin]:
         z = inverse.step(denoise(z, t), t, z).prev_sample
     return z
 
 
-def _ddim_generate(config, grid, denoise, latents):
+def _ddim_generate(config, grid, denoise, latents, begin):
+    """Denoise ``latents`` from the level of ``grid.timesteps[begin]`` to clean."""
     z = latents
     if grid.is_flow:
-        for index, t in enumerate(grid.timesteps):
+        for index in range(begin, len(grid.timesteps)):
+            t = grid.timesteps[index]
             a, s = grid.alpha_t[index], grid.sigma_t[index]
             x0, eps = to_x0_eps(denoise(z, t), z, a, s, grid.config.prediction_type)
             z = ddim_step(x0, eps, a, s, grid.alpha_next[index], grid.sigma_next[index])  # the Euler step
@@ -498,30 +518,31 @@ def _ddim_generate(config, grid, denoise, latents):
 
     scheduler = DDIMScheduler.from_config(_ddim_config(config))
     scheduler.set_timesteps(len(grid.timesteps))
-    for t in scheduler.timesteps:
+    for t in scheduler.timesteps[begin:]:
         z = scheduler.step(denoise(z, t), t, z, eta=0.0).prev_sample
     return z
 
 
-def _bdia_invert(grid, denoise, latents):
-    """``z_0 -> (z_N, z_{N-1})``: one DDIM inversion step with the output at ``(z_0, t_1)`` (the official code's
-    start, at a label in the training range), then BDIA's exact inverse steps."""
+def _bdia_invert(grid, denoise, latents, begin):
+    """``z_0 ->`` the pair at ``grid.timesteps[begin]`` and ``[begin + 1]`` (``(z_N, z_{N-1})`` for ``begin = 0``):
+    one DDIM inversion step with the output at ``(z_0, t_1)`` (the official code's start, at a label in the
+    training range), then BDIA's exact inverse steps."""
     last = len(grid.timesteps) - 1
     t = grid.timesteps[last]
     a0, s0 = grid.alpha_next[last], grid.sigma_next[last]
     x0, eps = to_x0_eps(denoise(latents, t, record=False).double(), latents, a0, s0, grid.config.prediction_type)
     upper, lower = ddim_step(x0, eps, a0, s0, grid.alpha_t[last], grid.sigma_t[last]), latents
-    for index in range(last, 0, -1):
+    for index in range(last, begin, -1):
         t = grid.timesteps[index]
         upper, lower = grid.inverse_step(denoise(upper, t), t, upper, lower).upper_sample, upper
     return upper, lower
 
 
-def _bdia_generate(grid, denoise, upper, lower):
+def _bdia_generate(grid, denoise, upper, lower, begin):
     grid.set_inversion_pair(upper, lower)
-    grid.set_begin_index(1)  # start at z_{N-1}: no wasted model call
+    grid.set_begin_index(begin + 1)  # start at the pair's lower state: no wasted model call
     z = lower
-    for t in grid.timesteps[1:]:
+    for t in grid.timesteps[begin + 1 :]:
         z = grid.step(denoise(z, t), t, z).prev_sample
     return z
 
@@ -552,6 +573,7 @@ def invert(
     omega_min: float = OMEGA_MIN,
     omega_max: float = OMEGA_MAX,
     den_eps: float = DEN_EPS,
+    strength: float = 1.0,
     eta: float = 0.0,
     dtype: torch.dtype = torch.float64,
     mu: float | None = None,
@@ -576,6 +598,10 @@ def invert(
             the official scripts use 1.0).
         omega_min (`float`, defaults to 0.0), omega_max (`float`, defaults to 15.0), den_eps (`float`, defaults to
             1e-6): POLARIS's clamp and denominator guard.
+        strength (`float`, defaults to 1.0): the share of the grid to invert, from the clean end: the inversion
+            stops at ``timesteps[N - int(N * strength)]`` and the regeneration starts there (partial inversion for
+            editing, as the official BDIA editing code's ``init_image_strength``, 0.8 there). BDIA needs at least
+            two of the steps.
         eta (`float`, defaults to 0.0): must be 0: a stochastic step cannot be inverted.
         dtype (`torch.dtype`, defaults to `torch.float64`): the dtype of the latents and of the denoiser during
             the run (exactness needs float64).
@@ -596,6 +622,7 @@ def invert(
         raise ValueError(f"eta must be 0: a stochastic step cannot be inverted, got eta={eta!r}")
     guidance_scale = _check_number(guidance_scale, "guidance_scale", low=0.0)
     num_inference_steps = _check_steps(num_inference_steps, method, polaris_backend)
+    begin = _begin_index(num_inference_steps, strength, method, polaris_backend)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     uses_bdia = method == "bdia" or (method == "polaris" and polaris_backend == "bdia")
@@ -615,21 +642,23 @@ def invert(
     with _denoiser_in(adapter.denoiser, dtype):
         denoise = _denoiser(adapter, prepared, guidance)
         if uses_bdia:
-            noise, pair = _bdia_invert(grid, denoise, latents)
+            noise, pair = _bdia_invert(grid, denoise, latents, begin)
         elif method == "edict":
-            noise, pair = edict_invert(denoise, grid, latents, edict_mix)
+            noise, pair = edict_invert(denoise, grid, latents, edict_mix, begin)
         else:
-            noise = _ddim_invert(config, grid, denoise, latents)
+            noise = _ddim_invert(config, grid, denoise, latents, begin)
 
-    scales = guidance.scales if method == "polaris" else guidance.scales(grid.timesteps, batch)
+    timesteps = grid.timesteps[begin:].clone()
+    scales = guidance.scales if method == "polaris" else guidance.scales(timesteps, batch)
     settings = dict(
         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, gamma=float(gamma),
         edict_mix=float(edict_mix), polaris_backend=polaris_backend,
         timestep_spacing=None if grid.is_flow else grid.config.timestep_spacing,
-        dtype=dtype, mu=mu, pipeline=type(pipe).__name__, uncond_pass=guidance.needs_uncond, **options,
+        strength=float(strength), begin_index=begin, dtype=dtype, mu=mu, pipeline=type(pipe).__name__,
+        uncond_pass=guidance.needs_uncond, **options,
     )
     return Inversion(
-        method=method, latents=noise, pair_latents=pair, timesteps=grid.timesteps.clone(),
+        method=method, latents=noise, pair_latents=pair, timesteps=timesteps,
         guidance_scales=dict(scales), source_latents=latents, condition=prepared.given, settings=settings,
         model_calls=adapter.model_calls, seconds=time.perf_counter() - start,
     )
@@ -653,7 +682,8 @@ def _regenerate(pipe: Any, inversion: Inversion, condition: dict[str, Any], guid
     method, dtype = inversion.method, settings["dtype"]
     uses_bdia = method == "bdia" or (method == "polaris" and settings["polaris_backend"] == "bdia")
     grid = _grid(config, settings["num_inference_steps"], settings["gamma"] if uses_bdia else 1.0, settings["mu"])
-    if not torch.equal(grid.timesteps.cpu(), inversion.timesteps.cpu()):
+    begin = settings["begin_index"]
+    if not torch.equal(grid.timesteps[begin:].cpu(), inversion.timesteps.cpu()):
         raise ValueError("pipe.scheduler's grid differs from the one the inversion was made on")
     batch = inversion.latents.shape[0]
     prepared = adapter.condition(condition, batch, dtype)
@@ -662,11 +692,11 @@ def _regenerate(pipe: Any, inversion: Inversion, condition: dict[str, Any], guid
     with _denoiser_in(adapter.denoiser, dtype):
         denoise = _denoiser(adapter, prepared, guidance)
         if uses_bdia:
-            out = _bdia_generate(grid, denoise, latents, pair)
+            out = _bdia_generate(grid, denoise, latents, pair, begin)
         elif method == "edict":
-            out = edict_generate(denoise, grid, latents, pair, settings["edict_mix"])[0]
+            out = edict_generate(denoise, grid, latents, pair, settings["edict_mix"], begin)[0]
         else:
-            out = _ddim_generate(config, grid, denoise, latents)
+            out = _ddim_generate(config, grid, denoise, latents, begin)
     return out if output_type == "latent" else adapter.decode(out)
 
 
