@@ -218,6 +218,25 @@ def test_ddim_reconstruction_is_the_stock_pipeline_from_the_inverted_latent(sd, 
     assert max_error(ours, stock) < 1e-4
 
 
+def test_bdia_inversion_regenerates_in_the_stock_pipeline(sd, sd_inputs):
+    from diffsamplers.samplers.bdia import BDIAScheduler
+
+    images, condition = sd_inputs
+    inv = invert(sd, images, method="bdia", num_inference_steps=5, guidance_scale=7.5, dtype=torch.float32,
+                 **condition)
+    assert inv.latents.dtype == inv.pair_latents.dtype == torch.float32  # the dtype asked for
+    ours = reconstruct(sd, inv, output_type="latent")
+    original = sd.scheduler
+    try:
+        sd.scheduler = BDIAScheduler.from_config(sd.scheduler.config)
+        sd.scheduler.set_inversion_pair(inv.latents, inv.pair_latents)
+        stock = sd(latents=inv.latents, num_inference_steps=5, guidance_scale=7.5, height=32, width=32,
+                   output_type="latent", **condition).images
+    finally:
+        sd.scheduler = original
+    assert max_error(ours, stock) < 1e-4 and max_error(stock, inv.source_latents) < 1e-3
+
+
 def test_euler_reconstruction_is_the_stock_flow_pipeline(flow):
     condition = tiny_flow_embeddings(1)
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
@@ -285,6 +304,8 @@ def test_refusals_name_the_argument(dit, digits, sd, sd_inputs):
         invert(dit, torch.zeros(1, 2, 16, 16), class_labels=[1])
     with pytest.raises(TypeError, match="images_or_latents"):
         invert(dit, images.numpy(), class_labels=labels)
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        invert(dit, images * 255, class_labels=labels)
 
 
 def test_unsupported_pipelines_and_schedulers_are_refused(dit, digits):

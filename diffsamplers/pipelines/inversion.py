@@ -53,6 +53,7 @@ from .polaris import DEN_EPS, OMEGA_MAX, OMEGA_MIN, PolarisGuidance
 __all__ = ["Inversion", "decode_images", "edit", "encode_images", "invert", "reconstruct"]
 
 METHODS = ("ddim", "bdia", "edict", "polaris")
+_RANGE_TOL = 1e-3  # images a resampling left slightly outside [-1, 1] are accepted
 POLARIS_BACKENDS = ("ddim", "bdia")
 
 
@@ -414,10 +415,14 @@ def _check_number(value: Any, name: str, low: float | None = None) -> float:
     return float(value)
 
 
+def _uses_bdia(method: str, backend: str) -> bool:
+    return method == "bdia" or (method == "polaris" and backend == "bdia")
+
+
 def _check_steps(num_inference_steps: Any, method: str, backend: str) -> int:
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
         raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
-    least = 2 if method == "bdia" or (method == "polaris" and backend == "bdia") else 1
+    least = 2 if _uses_bdia(method, backend) else 1  # BDIA's first inversion step is DDIM's
     if num_inference_steps < least:
         raise ValueError(f"num_inference_steps must be >= {least} for {method}, got {num_inference_steps}")
     return num_inference_steps
@@ -430,7 +435,7 @@ def _begin_index(num_inference_steps: int, strength: Any, method: str, backend: 
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength!r}")
     inverted = int(num_inference_steps * strength)
-    least = 2 if method == "bdia" or (method == "polaris" and backend == "bdia") else 1
+    least = 2 if _uses_bdia(method, backend) else 1
     if inverted < least:
         raise ValueError(
             f"strength {strength} inverts {inverted} of {num_inference_steps} steps; {method} needs at least {least}"
@@ -462,6 +467,9 @@ def _prepare_latents(adapter: _Adapter, images_or_latents: Any, input_type: str,
         raise TypeError(f"images_or_latents must be a floating-point tensor, got {x.dtype}")
     if input_type == "image":
         adapter.check_image_size(x.shape[2], x.shape[3])
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -1 - _RANGE_TOL or hi > 1 + _RANGE_TOL:
+            raise ValueError(f"images must be in [-1, 1] (the VAE's input range), got values in [{lo:.3g}, {hi:.3g}]")
         x = adapter.encode(x)
     else:
         adapter.check_latent_size(x.shape[2], x.shape[3])
@@ -531,7 +539,8 @@ def _bdia_invert(grid, denoise, latents, begin):
     t = grid.timesteps[last]
     a0, s0 = grid.alpha_next[last], grid.sigma_next[last]
     x0, eps = to_x0_eps(denoise(latents, t, record=False).double(), latents, a0, s0, grid.config.prediction_type)
-    upper, lower = ddim_step(x0, eps, a0, s0, grid.alpha_t[last], grid.sigma_t[last]), latents
+    upper = ddim_step(x0, eps, a0, s0, grid.alpha_t[last], grid.sigma_t[last]).to(latents.dtype)
+    lower = latents
     for index in range(last, begin, -1):
         t = grid.timesteps[index]
         upper, lower = grid.inverse_step(denoise(upper, t), t, upper, lower).upper_sample, upper
@@ -625,7 +634,7 @@ def invert(
     begin = _begin_index(num_inference_steps, strength, method, polaris_backend)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    uses_bdia = method == "bdia" or (method == "polaris" and polaris_backend == "bdia")
+    uses_bdia = _uses_bdia(method, polaris_backend)
     if uses_bdia and not (isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and 0 < gamma <= 1):
         raise ValueError(f"gamma must be a number in (0, 1] for BDIA inversion (it divides by gamma), got {gamma!r}")
     adapter = _adapter(pipe)
@@ -680,7 +689,7 @@ def _regenerate(pipe: Any, inversion: Inversion, condition: dict[str, Any], guid
     adapter.check_latent_size(*inversion.latents.shape[2:])
     config = _scheduler_config(pipe)
     method, dtype = inversion.method, settings["dtype"]
-    uses_bdia = method == "bdia" or (method == "polaris" and settings["polaris_backend"] == "bdia")
+    uses_bdia = _uses_bdia(method, settings["polaris_backend"])
     grid = _grid(config, settings["num_inference_steps"], settings["gamma"] if uses_bdia else 1.0, settings["mu"])
     begin = settings["begin_index"]
     if not torch.equal(grid.timesteps[begin:].cpu(), inversion.timesteps.cpu()):
