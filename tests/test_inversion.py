@@ -1,5 +1,5 @@
-"""invert / reconstruct / edit: exact BDIA and EDICT round trips on the bundled latent model, the tiny SD and flow
-pipelines; the DDIM and Euler baselines against diffusers' own schedulers and pipelines; argument checks."""
+"""invert / reconstruct / edit: exact BDIA and EDICT round trips on the bundled latent model, the tiny SD, SDXL-style
+and flow pipelines; the DDIM and Euler baselines against diffusers' own schedulers and pipelines; argument checks."""
 
 import dataclasses
 
@@ -56,6 +56,33 @@ def flow():
     return tiny_flow_pipeline()
 
 
+@pytest.fixture(scope="module")
+def sdxl():
+    """A tiny SDXL-style pipeline (a "text_time" UNet, no text encoders: conditions come as embeddings)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=16, in_channels=4,
+        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16, attention_head_dim=4,
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 8,
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=tiny_stable_diffusion_pipeline().vae, text_encoder=None,
+                                     text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
+                                     scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    condition = dict(
+        prompt_embeds=torch.randn(2, 77, 16, generator=g), pooled_prompt_embeds=torch.randn(2, 8, generator=g),
+        negative_prompt_embeds=torch.randn(2, 77, 16, generator=g),
+        negative_pooled_prompt_embeds=torch.randn(2, 8, generator=g),
+    )
+    return pipe, torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, condition
+
+
 def max_error(a, b):
     return float((a.double() - b.double()).abs().max())
 
@@ -89,6 +116,30 @@ def test_exact_round_trip_on_the_tiny_stable_diffusion_pipeline(sd, sd_inputs, m
     inv = invert(sd, images, method=method, num_inference_steps=8, guidance_scale=guidance_scale, **condition)
     assert max_error(reconstruct(sd, inv, output_type="latent"), inv.source_latents) < EXACT
     assert max_error(reconstruct(sd, inv), decode_images(sd, encode_images(sd, images))) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["bdia", "edict"])
+def test_exact_round_trip_on_an_sdxl_style_pipeline(sdxl, method):
+    pipe, images, condition = sdxl
+    inv = invert(pipe, images, method=method, num_inference_steps=5, guidance_scale=5.0, **condition)
+    assert max_error(reconstruct(pipe, inv, output_type="latent"), inv.source_latents) < EXACT
+
+
+def test_sdxl_ddim_reconstruction_is_the_stock_pipeline(sdxl):
+    pipe, images, condition = sdxl
+    inv = invert(pipe, images, method="ddim", num_inference_steps=5, guidance_scale=5.0, dtype=torch.float32,
+                 **condition)
+    ours = reconstruct(pipe, inv, output_type="latent")
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = DDIMScheduler.from_config(original.config, clip_sample=False)
+        stock = pipe(latents=inv.latents, num_inference_steps=5, guidance_scale=5.0, height=32, width=32,
+                     output_type="latent", **condition).images
+    finally:
+        pipe.scheduler = original
+    assert max_error(ours, stock) < 1e-4
+    with pytest.raises(ValueError, match="pooled_prompt_embeds"):
+        invert(pipe, images, prompt_embeds=condition["prompt_embeds"])
 
 
 def test_prompts_are_encoded_with_the_pipelines_text_encoder(sd, sd_inputs):

@@ -30,8 +30,10 @@ run: exactness needs it); it is cast for the call and cast back, losslessly.
 Supported pipelines: ``DiTPipeline`` (``class_labels``; CFG against the null class
 ``transformer.config.num_embeds_ada_norm``, which ``DiTPipeline`` hard-codes as 1000), Stable Diffusion-style
 pipelines with a ``UNet2DConditionModel`` and ``encode_prompt`` (``prompt`` / ``negative_prompt`` or
-``prompt_embeds`` / ``negative_prompt_embeds``), and SD3-style flow pipelines with an ``SD3Transformer2DModel``
-(the same plus ``pooled_prompt_embeds`` / ``negative_pooled_prompt_embeds``).
+``prompt_embeds`` / ``negative_prompt_embeds``), SDXL-style ones (a ``"text_time"`` UNet: also ``prompt_2`` /
+``negative_prompt_2`` or ``pooled_prompt_embeds`` / ``negative_pooled_prompt_embeds``), and SD3-style flow pipelines
+with an ``SD3Transformer2DModel`` (prompts or the four embeddings). Flux-style pipelines (packed latents, an
+embedded guidance scale) are not supported.
 """
 
 from __future__ import annotations
@@ -125,17 +127,20 @@ class _Adapter(abc.ABC):
 
     # -- the denoiser -------------------------------------------------------------------------------------------
 
-    def condition(self, given: dict[str, Any], batch_size: int, dtype: torch.dtype) -> _Condition:
+    def condition(self, given: dict[str, Any], latents: torch.Tensor, dtype: torch.dtype) -> _Condition:
+        """The checked condition for ``latents`` (one entry per latent, or one broadcast to all)."""
         unknown = sorted(set(given) - set(self.condition_names))
         if unknown:
             raise TypeError(
                 f"{type(self.pipe).__name__} takes its condition as {', '.join(self.condition_names)}; it cannot "
                 f"take {', '.join(unknown)}"
             )
-        return self._condition({k: v for k, v in given.items() if v is not None}, batch_size, dtype)
+        given = {k: v for k, v in given.items() if v is not None}
+        return self._condition(given, latents.shape[0], dtype, tuple(latents.shape[2:]))
 
     @abc.abstractmethod
-    def _condition(self, given: dict[str, Any], batch_size: int, dtype: torch.dtype) -> _Condition:
+    def _condition(self, given: dict[str, Any], batch_size: int, dtype: torch.dtype,
+                   latent_size: tuple[int, int]) -> _Condition:
         """The checked condition, broadcast to ``batch_size`` and in ``dtype``."""
 
     @abc.abstractmethod
@@ -180,7 +185,8 @@ class _DiTAdapter(_Adapter):
         f = self.vae_scale()
         self.check_latent_size(height // f, width // f)
 
-    def _condition(self, given: dict[str, Any], batch_size: int, dtype: torch.dtype) -> _Condition:
+    def _condition(self, given: dict[str, Any], batch_size: int, dtype: torch.dtype,
+                   latent_size: tuple[int, int]) -> _Condition:
         if "class_labels" not in given:
             raise ValueError("class_labels must be given for a DiTPipeline (one class per image, or one for all)")
         labels = given["class_labels"]
@@ -217,7 +223,8 @@ class _StableDiffusionAdapter(_Adapter):
         super().check_image_size(height, width)
         self.check_latent_size(height // self.vae_scale(), width // self.vae_scale())
 
-    def _condition(self, given: dict[str, Any], batch_size: int, dtype: torch.dtype) -> _Condition:
+    def _condition(self, given: dict[str, Any], batch_size: int, dtype: torch.dtype,
+                   latent_size: tuple[int, int]) -> _Condition:
         if "prompt" not in given and "prompt_embeds" not in given:
             raise ValueError(f"{type(self.pipe).__name__} needs prompt or prompt_embeds as its condition")
         if "prompt" in given and "prompt_embeds" in given:
@@ -238,6 +245,51 @@ class _StableDiffusionAdapter(_Adapter):
         return self.denoiser(latents, timesteps, encoder_hidden_states=inputs["encoder_hidden_states"]).sample
 
 
+class _StableDiffusionXLAdapter(_StableDiffusionAdapter):
+    """SDXL-style UNets (``addition_embed_type="text_time"``): the pooled text embedding and the size/crop time ids
+    (``original_size = target_size`` = the image's size, no crop) go in ``added_cond_kwargs``, as the pipeline
+    builds them."""
+
+    condition_names = _StableDiffusionAdapter.condition_names + (
+        "prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
+    )
+
+    def _condition(self, given: dict[str, Any], batch_size: int, dtype: torch.dtype,
+                   latent_size: tuple[int, int]) -> _Condition:
+        pipe, device = self.pipe, self.denoiser.device
+        if "prompt" in given and "prompt_embeds" in given:
+            raise ValueError("give prompt or prompt_embeds, not both")
+        if "prompt" not in given:
+            for name in ("prompt_embeds", "pooled_prompt_embeds"):
+                if name not in given:
+                    raise ValueError(f"{name} must be given when prompt is not ({type(pipe).__name__})")
+        elif getattr(pipe, "text_encoder_2", None) is None:
+            raise ValueError("prompt needs the pipeline's text encoders, which are None: pass prompt_embeds")
+        embeds = pipe.encode_prompt(
+            prompt=given.get("prompt"), prompt_2=given.get("prompt_2"), device=device, num_images_per_prompt=1,
+            do_classifier_free_guidance=True, negative_prompt=given.get("negative_prompt"),
+            negative_prompt_2=given.get("negative_prompt_2"), prompt_embeds=given.get("prompt_embeds"),
+            negative_prompt_embeds=given.get("negative_prompt_embeds"),
+            pooled_prompt_embeds=given.get("pooled_prompt_embeds"),
+            negative_pooled_prompt_embeds=given.get("negative_pooled_prompt_embeds"),
+        )
+        pe, npe, pooled, npooled = (
+            _broadcast(e.to(device, dtype), batch_size, name) for e, name in zip(embeds, (
+                "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"))
+        )
+        size = (latent_size[0] * self.vae_scale(), latent_size[1] * self.vae_scale())
+        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype,
+                                          text_encoder_projection_dim=int(pooled.shape[-1]))
+        time_ids = time_ids.to(device).repeat(batch_size, 1)
+        return _Condition({"encoder_hidden_states": pe, "text_embeds": pooled, "time_ids": time_ids},
+                          {"encoder_hidden_states": npe, "text_embeds": npooled, "time_ids": time_ids}, dict(given))
+
+    def _call(self, latents, timesteps, inputs):
+        added = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
+        return self.denoiser(latents, timesteps, encoder_hidden_states=inputs["encoder_hidden_states"],
+                             added_cond_kwargs=added).sample
+
+
 class _SD3Adapter(_Adapter):
     condition_names = (
         "prompt", "negative_prompt", "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
@@ -245,7 +297,8 @@ class _SD3Adapter(_Adapter):
     )
     denoiser_name = "transformer"
 
-    def _condition(self, given: dict[str, Any], batch_size: int, dtype: torch.dtype) -> _Condition:
+    def _condition(self, given: dict[str, Any], batch_size: int, dtype: torch.dtype,
+                   latent_size: tuple[int, int]) -> _Condition:
         pipe, device = self.pipe, self.denoiser.device
         if "prompt" in given and "prompt_embeds" in given:
             raise ValueError("give prompt or prompt_embeds, not both")
@@ -295,10 +348,13 @@ def _adapter(pipe: Any) -> _Adapter:
     if kind == "SD3Transformer2DModel":
         return _SD3Adapter(pipe)
     if kind == "UNet2DConditionModel" and hasattr(pipe, "encode_prompt"):
-        if unet.config.addition_embed_type is not None:
+        added = unet.config.addition_embed_type
+        if added == "text_time" and hasattr(pipe, "_get_add_time_ids"):
+            return _StableDiffusionXLAdapter(pipe)
+        if added is not None:
             raise TypeError(
-                f"pipe: {type(pipe).__name__} needs added conditions ({unet.config.addition_embed_type!r}, "
-                "SDXL-style); supported are DiTPipeline, StableDiffusion-style and SD3-style pipelines"
+                f"pipe: {type(pipe).__name__} needs added conditions of type {added!r}; supported are DiTPipeline, "
+                "Stable Diffusion, SDXL and SD3-style pipelines"
             )
         return _StableDiffusionAdapter(pipe)
     raise TypeError(
@@ -591,7 +647,7 @@ def invert(
     """Invert images (or clean latents) to noise with ``method``; see the module docstring for the methods.
 
     Args:
-        pipe: a ``DiTPipeline``, a Stable Diffusion-style or an SD3-style pipeline (see the module docstring).
+        pipe: a ``DiTPipeline``, a Stable Diffusion-, SDXL- or SD3-style pipeline (see the module docstring).
         images_or_latents (`torch.Tensor`): `(B, C, H, W)` images in ``[-1, 1]`` (encoded with the VAE's posterior
             mean) or clean latents (already scaled as the denoiser sees them).
         method (`str`, defaults to ``"bdia"``): ``"ddim"``, ``"bdia"``, ``"edict"`` or ``"polaris"``.
@@ -616,8 +672,9 @@ def invert(
             the run (exactness needs float64).
         mu (`float`, *optional*): the dynamic-shifting parameter of flow configs that use it.
         **condition: the pipeline's condition: ``class_labels`` (DiT), ``prompt`` / ``negative_prompt`` /
-            ``prompt_embeds`` / ``negative_prompt_embeds`` (Stable Diffusion; SD3 also ``pooled_prompt_embeds`` /
-            ``negative_pooled_prompt_embeds``), one per image or one for all.
+            ``prompt_embeds`` / ``negative_prompt_embeds`` (Stable Diffusion; SDXL and SD3 also
+            ``pooled_prompt_embeds`` / ``negative_pooled_prompt_embeds``, SDXL ``prompt_2``), one per image or one
+            for all.
 
     Returns:
         :class:`Inversion`.
@@ -644,7 +701,7 @@ def invert(
     guidance = _guidance_policy(method, guidance_scale, options)  # checks the POLARIS options
     latents = _prepare_latents(adapter, images_or_latents, input_type, dtype)
     batch = latents.shape[0]
-    prepared = adapter.condition(condition, batch, dtype)
+    prepared = adapter.condition(condition, latents, dtype)
     grid = _grid(config, num_inference_steps, float(gamma) if uses_bdia else 1.0, mu)
 
     pair = None
@@ -694,9 +751,8 @@ def _regenerate(pipe: Any, inversion: Inversion, condition: dict[str, Any], guid
     begin = settings["begin_index"]
     if not torch.equal(grid.timesteps[begin:].cpu(), inversion.timesteps.cpu()):
         raise ValueError("pipe.scheduler's grid differs from the one the inversion was made on")
-    batch = inversion.latents.shape[0]
-    prepared = adapter.condition(condition, batch, dtype)
     latents = inversion.latents.to(adapter.denoiser.device, dtype)
+    prepared = adapter.condition(condition, latents, dtype)
     pair = None if inversion.pair_latents is None else inversion.pair_latents.to(latents.device, dtype)
     with _denoiser_in(adapter.denoiser, dtype):
         denoise = _denoiser(adapter, prepared, guidance)
