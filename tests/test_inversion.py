@@ -23,9 +23,7 @@ from diffsamplers.testing import (
 EXACT = 1e-8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

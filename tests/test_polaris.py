@@ -13,10 +13,7 @@ from diffsamplers.pipelines.inversion import encode_images, invert, reconstruct
 from diffsamplers.pipelines.polaris import PolarisGuidance, polaris_omega
 from diffsamplers.testing import tiny_stable_diffusion_pipeline
 
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

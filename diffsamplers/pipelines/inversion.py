@@ -168,6 +168,29 @@ def _broadcast(value: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
     raise ValueError(f"{name} must have 1 or {batch_size} (the number of images) entries, got {value.shape[0]}")
 
 
+_POOLED_NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+
+
+def _check_pooled_condition(pipe: Any, given: dict[str, Any], encoders: tuple[str, ...]) -> bool:
+    """Checks of a condition with pooled embeddings (SDXL, SD3): a prompt (which needs the text encoders) or
+    the embeddings; returns whether the pipeline has a text encoder."""
+    has_encoder = any(getattr(pipe, name, None) is not None for name in encoders)
+    if "prompt" in given and "prompt_embeds" in given:
+        raise ValueError("give prompt or prompt_embeds, not both")
+    if "prompt" not in given:
+        for name in ("prompt_embeds", "pooled_prompt_embeds"):
+            if name not in given:
+                raise ValueError(f"{name} must be given when prompt is not ({type(pipe).__name__})")
+    elif not has_encoder:
+        raise ValueError("prompt needs the pipeline's text encoders, which are None: pass prompt_embeds")
+    return has_encoder
+
+
+def _pooled_embeddings(embeds: Any, batch_size: int, device: Any, dtype: torch.dtype) -> list[torch.Tensor]:
+    """``(prompt, negative, pooled, negative pooled)`` embeddings, broadcast to the batch, on the denoiser."""
+    return [_broadcast(e.to(device, dtype), batch_size, name) for e, name in zip(embeds, _POOLED_NAMES)]
+
+
 class _DiTAdapter(_Adapter):
     condition_names = ("class_labels",)
     denoiser_name = "transformer"
@@ -257,14 +280,7 @@ class _StableDiffusionXLAdapter(_StableDiffusionAdapter):
     def _condition(self, given: dict[str, Any], batch_size: int, dtype: torch.dtype,
                    latent_size: tuple[int, int]) -> _Condition:
         pipe, device = self.pipe, self.denoiser.device
-        if "prompt" in given and "prompt_embeds" in given:
-            raise ValueError("give prompt or prompt_embeds, not both")
-        if "prompt" not in given:
-            for name in ("prompt_embeds", "pooled_prompt_embeds"):
-                if name not in given:
-                    raise ValueError(f"{name} must be given when prompt is not ({type(pipe).__name__})")
-        elif getattr(pipe, "text_encoder_2", None) is None:
-            raise ValueError("prompt needs the pipeline's text encoders, which are None: pass prompt_embeds")
+        _check_pooled_condition(pipe, given, ("text_encoder", "text_encoder_2"))
         embeds = pipe.encode_prompt(
             prompt=given.get("prompt"), prompt_2=given.get("prompt_2"), device=device, num_images_per_prompt=1,
             do_classifier_free_guidance=True, negative_prompt=given.get("negative_prompt"),
@@ -273,10 +289,7 @@ class _StableDiffusionXLAdapter(_StableDiffusionAdapter):
             pooled_prompt_embeds=given.get("pooled_prompt_embeds"),
             negative_pooled_prompt_embeds=given.get("negative_pooled_prompt_embeds"),
         )
-        pe, npe, pooled, npooled = (
-            _broadcast(e.to(device, dtype), batch_size, name) for e, name in zip(embeds, (
-                "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"))
-        )
+        pe, npe, pooled, npooled = _pooled_embeddings(embeds, batch_size, device, dtype)
         size = (latent_size[0] * self.vae_scale(), latent_size[1] * self.vae_scale())
         time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype,
                                           text_encoder_projection_dim=int(pooled.shape[-1]))
@@ -300,21 +313,11 @@ class _SD3Adapter(_Adapter):
     def _condition(self, given: dict[str, Any], batch_size: int, dtype: torch.dtype,
                    latent_size: tuple[int, int]) -> _Condition:
         pipe, device = self.pipe, self.denoiser.device
-        if "prompt" in given and "prompt_embeds" in given:
-            raise ValueError("give prompt or prompt_embeds, not both")
-        if "prompt" not in given:
-            for name in ("prompt_embeds", "pooled_prompt_embeds"):
-                if name not in given:
-                    raise ValueError(f"{name} must be given when prompt is not ({type(pipe).__name__})")
-        encoders = [getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")]
-        if all(e is None for e in encoders):
-            if "prompt" in given:
-                raise ValueError("prompt needs the pipeline's text encoders, which are None: pass prompt_embeds")
+        if not _check_pooled_condition(pipe, given, ("text_encoder", "text_encoder_2", "text_encoder_3")):
             for name in ("negative_prompt_embeds", "negative_pooled_prompt_embeds"):
                 if name not in given:
                     raise ValueError(f"{name} must be given: this pipeline has no text encoder to encode ''")
-            embeds = [given[k] for k in ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
-                                         "negative_pooled_prompt_embeds")]
+            embeds = [given[k] for k in _POOLED_NAMES]
         else:
             prompt = given.get("prompt")
             embeds = pipe.encode_prompt(
@@ -324,10 +327,7 @@ class _SD3Adapter(_Adapter):
                 pooled_prompt_embeds=given.get("pooled_prompt_embeds"),
                 negative_pooled_prompt_embeds=given.get("negative_pooled_prompt_embeds"),
             )
-        pe, npe, pooled, npooled = (
-            _broadcast(e.to(device, dtype), batch_size, name) for e, name in zip(embeds, (
-                "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"))
-        )
+        pe, npe, pooled, npooled = _pooled_embeddings(embeds, batch_size, device, dtype)
         return _Condition({"encoder_hidden_states": pe, "pooled_projections": pooled},
                           {"encoder_hidden_states": npe, "pooled_projections": npooled}, dict(given))
 
@@ -359,7 +359,7 @@ def _adapter(pipe: Any) -> _Adapter:
         return _StableDiffusionAdapter(pipe)
     raise TypeError(
         f"pipe: {type(pipe).__name__} (denoiser {kind}) is not supported; supported are DiTPipeline, "
-        "StableDiffusion-style (UNet2DConditionModel) and SD3-style (SD3Transformer2DModel) pipelines"
+        "Stable Diffusion- and SDXL-style (UNet2DConditionModel) and SD3-style (SD3Transformer2DModel) pipelines"
     )
 
 
