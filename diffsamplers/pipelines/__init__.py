@@ -1,8 +1,11 @@
-"""What a scheduler alone cannot do: skipping model calls, teleported starts for flow pipelines, data statistics."""
+"""What a scheduler alone cannot do: skipping model calls, teleported starts for flow pipelines, data statistics,
+inversion and editing."""
 
 from ..samplers.gaussian_teleport import teleport
 from .adaptive import AdaptiveDiffusionHandle, AdaptiveSkipController, AdaptiveStepRecord, enable_adaptive_diffusion
 from .gaussian_stats import GaussianStats
+from .inversion import Inversion, decode_images, edit, encode_images, invert, reconstruct
+from .polaris import PolarisGuidance, polaris_omega
 from .teleported_start import teleport_pipeline
 
 __all__ = [
@@ -10,7 +13,15 @@ __all__ = [
     "AdaptiveSkipController",
     "AdaptiveStepRecord",
     "GaussianStats",
+    "Inversion",
+    "PolarisGuidance",
+    "decode_images",
+    "edit",
     "enable_adaptive_diffusion",
+    "encode_images",
+    "invert",
+    "polaris_omega",
+    "reconstruct",
     "teleport",
     "teleport_pipeline",
 ]
