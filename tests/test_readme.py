@@ -18,6 +18,7 @@ MARKERS = {
     "bdia": "BDIAScheduler.from_config(pipe.scheduler.config",
     "teleport_adaptive": "TeleportScheduler(pipe.scheduler, stats",
     "testbed": "exact_solution(model, x_T",
+    "inversion": "invert(pipe, images, method=\"bdia\"",
 }
 
 
@@ -102,3 +103,16 @@ def test_the_test_command_is_what_ci_runs():
     # -m "not slow" deselects something: the long end-to-end runs are marked
     if '-m "not slow"' in command:
         assert "@pytest.mark.slow" in (ROOT / "tests" / "test_bench.py").read_text()
+
+
+def test_inversion_snippet():
+    from diffsamplers import Inversion
+    from diffsamplers.models.digits_latent import decode_latents, encode_digits
+
+    torch.set_num_threads(1)
+    ns = run(snippet("inversion"))
+    assert isinstance(ns["inv"], Inversion) and ns["same"].shape == ns["images"].shape == ns["sevens"].shape
+    # BDIA is exact: the reconstruction is the VAE's own round trip of the input
+    vae_round_trip = decode_latents(ns["pipe"].vae, encode_digits(ns["pipe"].vae, ns["images"]))
+    assert float((ns["same"] - vae_round_trip.to(ns["same"].dtype)).abs().max()) < 1e-4
+
