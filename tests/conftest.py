@@ -35,3 +35,12 @@ def fit_model():
     from diffsamplers.testing import small_fit_model
 
     return small_fit_model()
+
+
+@pytest.fixture(scope="session")
+def dit():
+    """The bundled class-conditional latent DiTPipeline (loaded once per test session)."""
+    from diffsamplers.models.digits_latent import load_digits_latent_pipeline
+
+    return load_digits_latent_pipeline()
+

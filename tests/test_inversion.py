@@ -8,7 +8,6 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, EDMEulerScheduler
 
 from diffsamplers.eval.invert_bench import heldout_digits
-from diffsamplers.models.digits_latent import load_digits_latent_pipeline
 from diffsamplers.pipelines.inversion import Inversion, decode_images, edit, encode_images, invert, reconstruct
 from diffsamplers.testing import (
     tiny_flow_embeddings,
@@ -24,11 +23,6 @@ EXACT = 1e-8
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def dit():
-    return load_digits_latent_pipeline()
 
 
 @pytest.fixture(scope="module")

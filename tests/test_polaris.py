@@ -8,17 +8,11 @@ import torch
 from scipy.optimize import minimize_scalar
 
 from diffsamplers.eval.invert_bench import heldout_digits
-from diffsamplers.models.digits_latent import load_digits_latent_pipeline
 from diffsamplers.pipelines.inversion import encode_images, invert, reconstruct
 from diffsamplers.pipelines.polaris import PolarisGuidance, polaris_omega
 from diffsamplers.testing import tiny_stable_diffusion_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def dit():
-    return load_digits_latent_pipeline()
 
 
 @pytest.fixture(scope="module")
