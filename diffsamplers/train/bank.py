@@ -277,6 +277,15 @@ def build_bank(
     return bank
 
 
+def increasing_times(theta: Any, tau0: list[float]) -> list[float]:
+    """Increasing times with the ends of ``tau0``, from log-multipliers ``theta`` of its gaps (normalised cumulative
+    gaps: monotone with fixed ends by construction, the parametrisation learned solvers search their times in)."""
+    gaps = np.diff(tau0) * np.exp(np.asarray(theta, dtype=np.float64))
+    t = tau0[0] + (tau0[-1] - tau0[0]) * np.concatenate([[0.0], np.cumsum(gaps) / gaps.sum()])
+    t[-1] = tau0[-1]
+    return t.tolist()
+
+
 def reference_states(bank: TrajectoryBank, config: dict, tau: Any, prediction_type: str) -> torch.Tensor:
     """The bank's reference trajectories at OT times ``tau`` in OT coordinates, shape ``(N, len(tau), C, H, W)``.
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..samplers.bespoke import BESPOKE_BASES, BespokeScheduler, ot_velocity, rk1_step, rk2_stage1, rk2_stage2
-from .bank import FitModel, TrajectoryBank, reference_states, rmse, sample_loop, validated_search
+from .bank import FitModel, TrajectoryBank, increasing_times, reference_states, rmse, sample_loop, validated_search
 
 __all__ = ["bound_loss", "train_bespoke"]
 
@@ -104,13 +104,10 @@ def _params(theta: np.ndarray, tau0: list[float], t_dot0: list[float]) -> dict:
     """Scheduler parameters from the unconstrained ``theta`` (gaps, log-rates, log-scales, scale rates)."""
     m = len(t_dot0)
     gaps, log_rate, log_s, s_dot = np.split(np.asarray(theta, dtype=np.float64), 4)
-    gaps0 = np.diff(tau0)
-    w = gaps0 * np.exp(gaps)
-    t = tau0[0] + (tau0[-1] - tau0[0]) * np.concatenate([[0.0], np.cumsum(w) / w.sum()])
-    t[-1] = tau0[-1]
+    t = increasing_times(gaps, tau0)
     # clamp the log-scale: the bound loss and few steps can send s to 1e5 with no gain (Sec. 6 pitfalls)
     s = np.concatenate([[1.0], np.exp(np.clip(log_s, -5.0, 5.0))])
-    return dict(t=t.tolist(), t_dot=(np.asarray(t_dot0) * np.exp(log_rate)).tolist(), s=s.tolist(),
+    return dict(t=t, t_dot=(np.asarray(t_dot0) * np.exp(log_rate)).tolist(), s=s.tolist(),
                 s_dot=s_dot.tolist()) if m else {}
 
 

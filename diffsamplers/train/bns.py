@@ -29,18 +29,10 @@ import torch
 
 from ..samplers.bns import BNSScheduler
 from ..schedule import NoiseSchedule, native_from_ot, ot_velocity
-from .bank import FitModel, TrajectoryBank, reference_states, rmse, sample_loop, validated_search
+from .bank import FitModel, TrajectoryBank, increasing_times, reference_states, rmse, sample_loop, validated_search
 from .olss import ridge_lstsq
 
 __all__ = ["fit_bns_weights", "train_bns"]
-
-
-def _times(theta: np.ndarray, tau0: list[float]) -> list[float]:
-    """Increasing OT times with the ends of ``tau0`` from log-multipliers of its gaps."""
-    gaps = np.diff(tau0) * np.exp(np.asarray(theta, dtype=np.float64))
-    t = tau0[0] + (tau0[-1] - tau0[0]) * np.concatenate([[0.0], np.cumsum(gaps) / gaps.sum()])
-    t[-1] = tau0[-1]
-    return t.tolist()
 
 
 def fit_bns_weights(
@@ -148,7 +140,7 @@ def train_bns(
         # the validation re-scores an iterate the search has just fitted: keep the recent fits
         k = tuple(np.asarray(theta, dtype=np.float64).tolist())
         if k not in weights_cache:
-            tau = _times(theta, tau0)
+            tau = increasing_times(theta, tau0)
             weights_cache[k] = (tau, *fit_bns_weights(model, bank, tau, ridge))
             if len(weights_cache) > 64:
                 weights_cache.popitem(last=False)
@@ -179,7 +171,7 @@ def train_bns(
 
         def unpack(theta: np.ndarray) -> BNSScheduler:
             a_, b_ = _unflat(w0 + scale * theta[nfe:], nfe)
-            return scheduler_for(_times(gaps0 + theta[:nfe], tau0), a_, b_)
+            return scheduler_for(increasing_times(gaps0 + theta[:nfe], tau0), a_, b_)
 
         stage2 = validated_search(
             guarded(lambda th: rollout_rmse(bank, unpack(th))), guarded(lambda th: rollout_rmse(val, unpack(th))),
