@@ -350,6 +350,10 @@ def test_bundled_latent_dit_and_pixel_ddpm():
     x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     out = solver.stsl(op, op.measure(x), num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (2, 1, 16, 16) and out.nfe == 4 and torch.isfinite(out.images).all()
+    # the exact VJP trace differentiates the DiT twice: the fused attention kernel has no double backward
+    exact = solver.stsl(op, op.measure(x), num_inference_steps=2, scheme="vjp",
+                        generator=torch.Generator().manual_seed(0))
+    assert exact.nfe == 2 and torch.isfinite(exact.images).all() and exact.guidance_norms.gt(0).all()
     # DPS in pixel space on the bundled DDPM: guidance brings the samples to the measurement
     ddpm = InverseProblemSolver.from_pipeline(load_digits_pipeline())
     box = BoxInpainting(8, 4, noise_sigma=0.05)

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..schedule import NoiseSchedule, ddim_step, to_x0_eps
 from .operators import MeasurementOperator
@@ -511,7 +512,9 @@ class InverseProblemSolver:
             rho (`float`, defaults to 0.01): weight of the posterior-variance term (unverified; tune it).
             probes (`int`, defaults to 1): Hutchinson probes per evaluation.
             fd_step (`float`, defaults to 1e-3): relative finite-difference step.
-            scheme (`str`, defaults to `"forward"`): ``"forward"``, ``"central"`` or ``"vjp"``.
+            scheme (`str`, defaults to `"forward"`): ``"forward"``, ``"central"`` or ``"vjp"`` (exact per probe and
+                no extra model calls, but a double backward through the denoiser: attention then runs on the math
+                kernel, which is slower and uses more memory).
             inner_steps (`int`, defaults to 1): loss evaluations (gradient steps) per reverse step.
             eta (`float`, defaults to 0): DDIM stochasticity.
             generator (`torch.Generator` or list, *optional*): also seeds the probes.
@@ -536,5 +539,9 @@ class InverseProblemSolver:
                                 generator=step.generator)
             return value, rho * tweedie_variance(div, step.alpha, step.sigma, dim)
 
-        return self.guided_sample(loss, batch, num_inference_steps, eta=eta, inner_steps=inner_steps,
-                                  generator=generator, latents=latents)
+        # the exact VJP differentiates the denoiser twice; the fused CPU/GPU attention kernels have no double
+        # backward, the math kernel has
+        kernels = sdpa_kernel(SDPBackend.MATH) if scheme == "vjp" and rho > 0 else contextlib.nullcontext()
+        with kernels:
+            return self.guided_sample(loss, batch, num_inference_steps, eta=eta, inner_steps=inner_steps,
+                                      generator=generator, latents=latents)
