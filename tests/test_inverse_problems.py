@@ -336,6 +336,12 @@ def test_step_sizes_are_per_sample(tiny_sd):
     batch = solver.psld(op, y, num_inference_steps=2, omega=5.0, generator=gens)
     alone = solver.psld(op, y[1:2], num_inference_steps=2, omega=5.0, generator=[torch.Generator().manual_seed(11)])
     assert torch.allclose(batch.latents[1:2], alone.latents, atol=1e-5)
+    # STSL's Hutchinson probes too are drawn from each sample's own generator
+    gens = [torch.Generator().manual_seed(10 + i) for i in range(3)]
+    batch = solver.stsl(op, y, num_inference_steps=2, omega=5.0, rho=0.1, generator=gens)
+    alone = solver.stsl(op, y[1:2], num_inference_steps=2, omega=5.0, rho=0.1,
+                        generator=[torch.Generator().manual_seed(11)])
+    assert torch.allclose(batch.latents[1:2], alone.latents, atol=1e-5)
 
 
 def test_bundled_latent_dit_and_pixel_ddpm():

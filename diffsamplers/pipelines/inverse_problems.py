@@ -68,13 +68,20 @@ class InverseProblemOutput:
 
 @dataclass
 class GuidanceStep:
-    """The state a guidance loss sees at one evaluation: the timestep, its ``(alpha, sigma)`` and the denoiser."""
+    """The state a guidance loss sees at one evaluation: the timestep, its ``(alpha, sigma)``, the denoiser and the
+    per-sample generators (for random probes that do not depend on the batch)."""
 
     timestep: int
     alpha: float
     sigma: float
     solver: "InverseProblemSolver"
-    generator: torch.Generator | None = None
+    generators: list[torch.Generator | None] | None = None
+
+    @property
+    def generator(self) -> Any:
+        """One generator for the batch when all samples share it, else the per-sample list."""
+        gens = self.generators or [None]
+        return gens[0] if len(set(map(id, gens))) == 1 else gens
 
     def noise_prediction(self, z: torch.Tensor) -> torch.Tensor:
         """``eps_hat(z, t)`` by one more (counted) denoiser call, differentiable w.r.t. ``z``."""
@@ -361,7 +368,7 @@ class InverseProblemSolver:
                 t_next = timesteps[i + 1] if i + 1 < len(timesteps) else -1
                 a, s = (float(v) for v in self.schedule.alpha_sigma(t))
                 a_n, s_n = (float(v) for v in self.schedule.alpha_sigma(t_next))
-                step = GuidanceStep(t, a, s, self, gens[0])
+                step = GuidanceStep(t, a, s, self, gens)
                 for k in range(inner):
                     zt = z.detach().requires_grad_(True)
                     z0, eps = self._predict(zt, t, a, s)

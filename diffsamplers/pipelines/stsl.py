@@ -37,10 +37,16 @@ __all__ = ["FD_SCHEMES", "divergence", "tweedie_variance"]
 FD_SCHEMES = ("forward", "central", "vjp")
 
 
-def _rademacher(shape: torch.Size, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
-    # drawn on the CPU so a seeded estimate does not depend on the device
-    v = torch.randint(0, 2, tuple(shape), generator=generator, dtype=torch.int8).to(torch.float32) * 2 - 1
-    return v.to(like.device, like.dtype)
+def _rademacher(shape: torch.Size, generator: Any, like: torch.Tensor) -> torch.Tensor:
+    # drawn on the CPU so a seeded estimate does not depend on the device; with one generator per sample, a
+    # sample's probes do not depend on the rest of the batch
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"generator is a list of {len(generator)} for a batch of {shape[0]}")
+        v = torch.stack([torch.randint(0, 2, tuple(shape[1:]), generator=g, dtype=torch.int8) for g in generator])
+    else:
+        v = torch.randint(0, 2, tuple(shape), generator=generator, dtype=torch.int8)
+    return (v.to(torch.float32) * 2 - 1).to(like.device, like.dtype)
 
 
 def _per_sample_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -54,7 +60,7 @@ def divergence(
     probes: int = 1,
     fd_step: float = 1e-3,
     scheme: str = "forward",
-    generator: torch.Generator | None = None,
+    generator: Any = None,
 ) -> tuple[torch.Tensor, int]:
     """Hutchinson estimate of ``div fn(x) = tr(d fn / d x)`` per sample, differentiable w.r.t. ``x``.
 
@@ -70,7 +76,7 @@ def divergence(
         probes (`int`, defaults to 1): number of probes averaged.
         fd_step (`float`, defaults to 1e-3): relative finite-difference step.
         scheme (`str`, defaults to `"forward"`): one of :data:`FD_SCHEMES`.
-        generator (`torch.Generator`, *optional*): CPU generator of the probes.
+        generator (`torch.Generator` or list, *optional*): CPU generator of the probes, or one per sample.
 
     Returns:
         `(torch.Tensor, int)`: the estimate `(B,)` and the number of extra calls of ``fn`` it made.
