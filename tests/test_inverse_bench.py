@@ -55,11 +55,15 @@ def test_a_rerun_resumes_from_the_checkpoint(small_run, monkeypatch):
     again = run_inverse_bench(tasks=("sr4",), budgets=(4, 16), weights=(1.0, 4.0), rhos=(1e-2,), num_validation=2,
                               num_test=2, checkpoint=str(checkpoint))
     assert [r["psnr_db"] for r in again] == [r["psnr_db"] for r in records]
+    # a checkpoint made with other settings is refused, not silently reused
+    with pytest.raises(ValueError, match="other settings"):
+        run_inverse_bench(tasks=("sr4",), budgets=(4, 16), weights=(1.0, 8.0), rhos=(1e-2,), num_validation=2,
+                          num_test=2, checkpoint=str(checkpoint))
 
 
 def test_trace_term_ablation_counts_the_estimators_calls(small_run):
     records, _ = small_run
-    rows = trace_term_ablation(records, task="sr4", calls=4, rhos=(0.0, 1e-2), num_validation=2, num_test=2)
+    rows = trace_term_ablation(records, task="sr4", calls=4, rhos=(1e-2,), num_validation=2, num_test=2)
     assert [(r["estimator"], r["probes"], r["model_calls_per_image"]) for r in rows] == [
         ("none (PSLD)", 0, 4), ("forward", 1, 8), ("vjp", 4, 4)]  # the exact VJP makes no extra model calls
     assert rows[0]["gain_db"] == 0 and all(r["steps"] == 4 for r in rows)
@@ -81,14 +85,17 @@ def _record(task, method, calls, psnrs):
 def test_claim_table_pairs_stsl_at_a_quarter_of_the_calls():
     records = [_record("box", "psld", 100, [20.0, 22.0, 24.0]), _record("box", "psld", 24, [18.0, 19.0, 20.0]),
                _record("box", "stsl", 24, [19.0, 21.5, 23.0]), _record("box", "stsl", 50, [30.0, 30.0, 30.0]),
-               _record("sr4", "psld", 100, [20.0, 20.0, 20.0]), _record("sr4", "stsl", 24, [20.5, 19.5, 20.0])]
+               _record("sr4", "psld", 100, [20.0, 20.0, 20.0]), _record("sr4", "stsl", 24, [20.1, 19.9, 20.0]),
+               _record("blur", "psld", 100, [20.0, 20.0, 20.0]), _record("blur", "stsl", 24, [21.0, 19.0, 20.0])]
     rows = {r["task"]: r for r in claim_table(records)}
     box = rows["box"]
     assert (box["psld_calls"], box["stsl_calls"]) == (100, 24)  # 50 calls is more than a quarter: not used
-    assert box["difference_db"] == pytest.approx(-2.5 / 3, abs=1e-3) and not box["matches"]  # -0.83 +- 0.17
+    assert box["difference_db"] == pytest.approx(-2.5 / 3, abs=1e-3) and not box["matches"]
+    assert box["standard_error_db"] == pytest.approx(1 / 6, abs=1e-3)
     assert box["stsl_gain_at_equal_calls_db"] == pytest.approx(2.0 + 0.5 / 3, abs=1e-3)
-    # within two standard errors of PSLD: a match
+    # within the 0.5 dB margin with confidence: a match; the same mean difference but noisy: not one
     assert rows["sr4"]["difference_db"] == pytest.approx(0.0) and rows["sr4"]["matches"]
+    assert rows["blur"]["difference_db"] == pytest.approx(0.0) and not rows["blur"]["matches"]
     assert "psld_at_stsl_calls_psnr_db" not in rows["sr4"]
     assert not claim_table([_record("box", "psld", 24, [1.0])])
 
@@ -106,7 +113,10 @@ def test_score_counts_only_the_observed_pixels_of_an_inpainting():
     y = op.measure(x, torch.Generator().manual_seed(1))
     s = score(x, x, op, y)
     assert s["psnr_db"][0] > 90 and s["ssim"][0] == pytest.approx(1.0)
-    assert sum(s["residual"]) / 4 == pytest.approx(0.05, rel=0.15)  # the truth's residual is sigma_y
+    observed = 16 * 16 - 8 * 8
+    expected = ((op(x) - y).flatten(1).norm(dim=1) / observed ** 0.5).tolist()
+    assert s["residual"] == pytest.approx(expected, rel=1e-6)  # sigma_y-sized for the truth
+    assert sum(s["residual"]) / 4 == pytest.approx(0.05, rel=0.15)
 
 
 def test_examples_figure(tmp_path):
@@ -130,3 +140,5 @@ def test_bad_input_is_refused():
         run_inverse_bench(budgets=(1,))
     with pytest.raises(ValueError, match="weights"):
         run_inverse_bench(weights=(-1.0,))
+    with pytest.raises(ValueError, match="rhos"):
+        run_inverse_bench(rhos=(0.0, 1e-2))

@@ -19,6 +19,7 @@ MARKERS = {
     "teleport_adaptive": "TeleportScheduler(pipe.scheduler, stats",
     "testbed": "exact_solution(model, x_T",
     "inversion": "invert(pipe, images, method=\"bdia\"",
+    "inverse_problems": "solver.stsl(op, y, num_inference_steps=25",
 }
 
 
@@ -116,3 +117,15 @@ def test_inversion_snippet():
     vae_round_trip = decode_latents(ns["pipe"].vae, encode_digits(ns["pipe"].vae, ns["images"]))
     assert float((ns["same"] - vae_round_trip.to(ns["same"].dtype)).abs().max()) < 1e-4
 
+
+
+def test_inverse_problems_snippet(capsys):
+    torch.set_num_threads(1)
+    ns = run(snippet("inverse_problems"))
+    assert capsys.readouterr().out.split()[:2] == ["100", "50"]
+    op, y = ns["op"], ns["y"]
+    for out in (ns["psld"], ns["stsl"]):
+        assert out.images.shape == ns["images"].shape
+        # both fit the measurement: the truth's own residual is sigma_y = 0.05 per measured pixel
+        residual = (op(out.images) - y).flatten(1).norm(dim=1) / y[0].numel() ** 0.5
+        assert float(residual.mean()) < 0.15

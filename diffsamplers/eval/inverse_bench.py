@@ -41,6 +41,7 @@ GAMMA_RATIO = 0.1
 NUM_VALIDATION = 8
 NUM_TEST = 32
 START_SEED = 1000
+MATCH_MARGIN_DB = 0.5  # "matches PSLD's PSNR": within this, at ~95% confidence
 
 
 def _box() -> Any:
@@ -159,8 +160,13 @@ def run_inverse_bench(
             raise ValueError(f"{name}: unknown {unknown}; choose from {list(allowed)}")
     if not budgets or any(int(b) < 2 for b in budgets):
         raise ValueError(f"budgets must be model-call counts >= 2, got {budgets!r}")
-    if not weights or any(w < 0 for w in weights) or any(r < 0 for r in rhos):
-        raise ValueError("weights and rhos must be non-negative, and weights non-empty")
+    if not weights or any(w < 0 for w in weights):
+        raise ValueError(f"weights must be non-negative and non-empty, got {weights!r}")
+    if "stsl" in methods and (not rhos or any(not r > 0 for r in rhos)):
+        # rho = 0 is PSLD without the probe call: it would run half the steps the budget allows
+        raise ValueError(f"rhos must be positive and non-empty, got {rhos!r}")
+    settings = {"weights": list(weights), "rhos": list(rhos), "num_validation": num_validation,
+                "num_test": num_test, "gamma_ratio": GAMMA_RATIO, "noise_sigma": NOISE_SIGMA}
     pipe = pipe or load_digits_latent_pipeline()
     solver = InverseProblemSolver.from_pipeline(pipe, progress_bar=False)
     val_x, test_x = split_images(num_validation, num_test)
@@ -170,8 +176,12 @@ def run_inverse_bench(
     done: dict[tuple, dict[str, Any]] = {}
     if checkpoint and os.path.exists(checkpoint):
         with open(checkpoint) as f:
-            for r in json.load(f)["records"]:
-                done[(r["task"], r["method"], r["calls"])] = r
+            saved = json.load(f)
+        if saved.get("settings") != settings:
+            raise ValueError(f"checkpoint {checkpoint!r} was made with other settings ({saved.get('settings')}, "
+                             f"now {settings}): pass another path or delete it")
+        for r in saved["records"]:
+            done[(r["task"], r["method"], r["calls"])] = r
     records = []
     for task in tasks:
         operator = TASKS[task][0]()
@@ -213,7 +223,7 @@ def run_inverse_bench(
                     os.makedirs(os.path.dirname(os.path.abspath(checkpoint)), exist_ok=True)
                     tmp = checkpoint + ".tmp"
                     with open(tmp, "w") as f:
-                        json.dump({"records": list(done.values())}, f)
+                        json.dump({"settings": settings, "records": list(done.values())}, f)
                     os.replace(tmp, checkpoint)
                 if progress is not None:
                     progress(record)
@@ -234,7 +244,7 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
 
 def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
     """Mean of ``a - b`` and its standard error."""
-    d = [x - y for x, y in zip(a, b)]
+    d = [x - y for x, y in zip(a, b, strict=True)]
     m = _mean(d)
     var = sum((v - m) ** 2 for v in d) / max(len(d) - 1, 1)
     return m, math.sqrt(var / len(d))
@@ -243,7 +253,8 @@ def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
 def claim_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """STSL at <= B/4 model calls against PSLD at B calls, per task, for each budget pair the records hold; also
     PSLD at the same small budget (does the second-order term buy anything over plain PSLD there?). ``matches``:
-    STSL's mean PSNR is not significantly below PSLD's (difference + 2 standard errors >= 0)."""
+    STSL is within :data:`MATCH_MARGIN_DB` of PSLD's mean PSNR with about 95% confidence (difference - 2 standard
+    errors >= -margin), so a noisy comparison is not read as a match."""
     index = {(r["task"], r["method"], r["model_calls_per_image"]): r for r in records}
     rows = []
     for (task, method, calls), psld in sorted(index.items(), key=lambda kv: (kv[0][0], kv[0][2])):
@@ -256,7 +267,8 @@ def claim_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         diff, se = _paired(stsl["per_image"]["psnr_db"], psld["per_image"]["psnr_db"])
         row = {"task": task, "psld_calls": calls, "psld_psnr_db": psld["psnr_db"],
                "stsl_calls": stsl["model_calls_per_image"], "stsl_psnr_db": stsl["psnr_db"],
-               "difference_db": round(diff, 3), "standard_error_db": round(se, 3), "matches": diff + 2 * se >= 0}
+               "difference_db": round(diff, 3), "standard_error_db": round(se, 3),
+               "matches": diff - 2 * se >= -MATCH_MARGIN_DB}
         same = index.get((task, "psld", stsl["model_calls_per_image"]))
         if same is not None:
             gain, gain_se = _paired(stsl["per_image"]["psnr_db"], same["per_image"]["psnr_db"])
@@ -290,7 +302,7 @@ def trace_term_ablation(
     records: list[dict[str, Any]],
     task: str = "sr4",
     calls: int = 50,
-    rhos: tuple[float, ...] = (0.0, 1e-3, 1e-2, 3e-2, 1e-1),
+    rhos: tuple[float, ...] = (1e-3, 1e-2, 3e-2, 1e-1),
     estimators: tuple[tuple[str, int], ...] = (("forward", 1), ("vjp", 4)),
     num_validation: int = NUM_VALIDATION,
     num_test: int = NUM_TEST,
@@ -299,7 +311,8 @@ def trace_term_ablation(
     """Is the second-order term limited by its estimator? STSL at PSLD's tuned weight for ``task`` at ``calls``
     steps, swept over ``rho``, with the one-probe forward difference (a model call per probe) and with ``probes``
     exact ``v^T J v`` products (``"vjp"``: no extra model calls, a double backward instead), on the test digits.
-    ``rho = 0`` is PSLD itself; each row has the paired PSNR gain over it."""
+    The first row is PSLD itself (``rho = 0``); each row has the paired PSNR gain over it. The sweep is over the
+    test digits, so its best row is optimistic (a selection on the test set): read it as a curve."""
     import torch
 
     from ..models.digits_latent import load_digits_latent_pipeline
@@ -314,22 +327,24 @@ def trace_term_ablation(
     _, test_x = split_images(num_validation, num_test)
     operator = TASKS[task][0]()
     y = operator.measure(test_x, torch.Generator().manual_seed(0))
-    rows, reference = [], None
+
+    def run(rho: float, scheme: str = "forward", probes: int = 1) -> tuple[Any, list[float]]:
+        out = solver.stsl(operator, y, num_inference_steps=calls, omega=weight, gamma=GAMMA_RATIO * weight, rho=rho,
+                          probes=probes, scheme=scheme, generator=_generators(num_validation, num_test))
+        return out, score(out.images, test_x, operator, y)["psnr_db"]
+
+    def row(out: Any, per_image: list[float], estimator: str, probes: int, rho: float) -> dict[str, Any]:
+        gain, se = _paired(per_image, reference)
+        return {"task": task, "steps": calls, "estimator": estimator, "probes": probes, "rho": rho,
+                "model_calls_per_image": out.nfe, "psnr_db": round(_mean(per_image), 3), "gain_db": round(gain, 3),
+                "standard_error_db": round(se, 3), "seconds_per_image": round(out.seconds / num_test, 4)}
+
+    base_out, reference = run(0.0)  # rho = 0: PSLD itself
+    rows = [row(base_out, reference, "none (PSLD)", 0, 0.0)]
     for scheme, probes in estimators:
         for rho in rhos:
-            if rho == 0 and reference is not None:
-                continue
-            out = solver.stsl(operator, y, num_inference_steps=calls, omega=weight, gamma=GAMMA_RATIO * weight,
-                              rho=rho, probes=probes, scheme=scheme,
-                              generator=_generators(num_validation, num_test))
-            per_image = score(out.images, test_x, operator, y)["psnr_db"]
-            if rho == 0:
-                reference = per_image
-            gain, se = _paired(per_image, reference)
-            rows.append({"task": task, "steps": calls, "estimator": "none (PSLD)" if rho == 0 else scheme,
-                         "probes": 0 if rho == 0 else probes, "rho": rho, "model_calls_per_image": out.nfe,
-                         "psnr_db": round(_mean(per_image), 3), "gain_db": round(gain, 3),
-                         "standard_error_db": round(se, 3), "seconds_per_image": round(out.seconds / num_test, 4)})
+            if rho > 0:
+                rows.append(row(*run(rho, scheme, probes), scheme, probes, rho))
     return rows
 
 
