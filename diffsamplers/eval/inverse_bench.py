@@ -111,9 +111,10 @@ def solve(solver: Any, method: str, operator: Any, measurement: Any, calls: int,
 
 def score(images: Any, truth: Any, operator: Any, measurement: Any) -> dict[str, Any]:
     """Per-image ``psnr_db``, ``ssim`` and ``residual`` (``||A x - y|| / sqrt(m)``) as lists."""
+    from .invert_bench import _to_unit
     from .metrics import psnr, ssim
 
-    pred, target = images.float().clamp(-1, 1).add(1).div(2), truth.float().clamp(-1, 1).add(1).div(2)
+    pred, target = _to_unit(images), _to_unit(truth)
     res = (operator(images.float()) - measurement.float()).flatten(1)
     mask = getattr(operator, "mask", None)  # inpainting: only the observed pixels are measured
     measured = res.shape[1] if mask is None else float(mask.expand(images.shape[1:]).sum())
@@ -152,6 +153,7 @@ def run_inverse_bench(
     from ..models.digits_latent import load_digits_latent_pipeline
     from ..pipelines.inverse_problems import InverseProblemSolver
     from ..pipelines.inversion import decode_images, encode_images
+    from .invert_bench import _to_unit
     from .metrics import psnr
 
     for name, values, allowed in (("tasks", tasks, TASKS), ("methods", methods, METHODS)):
@@ -171,8 +173,7 @@ def run_inverse_bench(
     solver = InverseProblemSolver.from_pipeline(pipe, progress_bar=False)
     val_x, test_x = split_images(num_validation, num_test)
     with torch.no_grad():
-        vae_psnr = float(psnr(decode_images(pipe, encode_images(pipe, test_x)).float().clamp(-1, 1).add(1).div(2),
-                              test_x.add(1).div(2)).mean())
+        vae_psnr = float(psnr(_to_unit(decode_images(pipe, encode_images(pipe, test_x))), _to_unit(test_x)).mean())
     done: dict[tuple, dict[str, Any]] = {}
     if checkpoint and os.path.exists(checkpoint):
         with open(checkpoint) as f:
